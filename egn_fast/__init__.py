@@ -1,0 +1,33 @@
+"""egn_fast: Exact Gauss-Newton (EGN) for PyTorch, in the row space, without materializing J.
+
+    d = egn_fast.direction(model, inputs, targets, loss="mse", damping=1.0)
+
+returns d = −(H + λI)⁻¹g with H = (1/b)JᵀQJ and g = (1/b)Jᵀr for the batch-mean loss, computed
+as d = −J̃ᵀ(K + bλI)⁻¹w with K = J̃J̃ᵀ formed from per-layer activations and output-gradients.
+"""
+
+from . import ops
+from .direction import DirectionResult, RowSpaceSystem, Solution, build_system, direction, direction_with_info
+from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, LossHead, MSELoss
+from .solve import EigenSolver, SolveError, damped_solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "direction",
+    "direction_with_info",
+    "build_system",
+    "RowSpaceSystem",
+    "Solution",
+    "DirectionResult",
+    "Loss",
+    "LossHead",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
+    "AutogradLoss",
+    "EigenSolver",
+    "SolveError",
+    "damped_solve",
+    "ops",
+]

@@ -1,0 +1,162 @@
+"""Capture: record every module call during one forward, then get all output-gradients in one
+batched backward.
+
+The forward hooks keep references (no copies) to each call's inputs and outputs. Afterwards
+`output_grads` runs ONE backward with the s cotangent columns of S batched (vmap through
+`is_grads_batched`) and asks only for the gradients of the recorded outputs z, so autograd
+prunes every weight-gradient GEMM: only activation gradients are computed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["ModuleCall", "Capture", "output_grads", "params_reached_outside"]
+
+# Modules whose recorded input or output was modified in place by the model in an earlier
+# call; their hooks store copies from then on (see Capture.stale_modules).
+_COPY_IO: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
+
+
+@dataclass
+class ModuleCall:
+    """One call of a module: its inputs, the outputs that carry gradient, and their gradients.
+
+    outputs[q] is output leaf number output_index[q] (pytree order). grads[q] is filled by
+    `output_grads`: (b, s, *outputs[q].shape[1:]), or None when that output does not reach the loss.
+    """
+
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor]
+    output_index: list[int]
+    versions: list[int]
+    grads: list[Tensor | None] = field(default_factory=list)
+
+    def io_tensors(self) -> list[Tensor]:
+        return _tensors((self.args, self.kwargs)) + self.outputs
+
+    @property
+    def modified_in_place(self) -> bool:
+        return any(t._version != v for t, v in zip(self.io_tensors(), self.versions))
+
+
+class Capture:
+    """Context manager: forward hooks on `modules` that record their calls in `self.calls`.
+
+    Set `active = False` to run modules without recording (the generic rule re-runs modules
+    under torch.func).
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.calls: dict[nn.Module, list[ModuleCall]] = {}
+        self.active = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "Capture":
+        for module in self.modules:
+            self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.active:
+            return None
+        leaves, spec = tree_flatten(output)
+        index = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
+        replaced = None
+        if module in _COPY_IO:
+            # The model modifies this module's input or output in place later on: keep pristine
+            # copies, and hand the model a copy of the output so our z keeps its autograd node.
+            args, kwargs = tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, (args, kwargs))
+            passed = list(leaves)
+            for q in index:
+                passed[q] = leaves[q].clone()
+            replaced = tree_unflatten(passed, spec)
+        outputs = [leaves[q] for q in index]
+        call = ModuleCall(args, kwargs, outputs, index, [])
+        call.versions = [t._version for t in call.io_tensors()]
+        self.calls.setdefault(module, []).append(call)
+        return replaced
+
+    def stale_modules(self, modules: list[nn.Module]) -> list[nn.Module]:
+        """Modules among `modules` whose recorded tensors were modified in place after recording.
+
+        They are remembered, so the next capture stores copies for them.
+        """
+        stale = [m for m in modules if any(c.modified_in_place for c in self.calls.get(m, []))]
+        for m in stale:
+            _COPY_IO.add(m)
+        return stale
+
+
+def output_grads(f_flat: Tensor, cotangents: Tensor, calls: list[ModuleCall]) -> None:
+    """One batched backward: fill call.grads with ∂(S_{:,k}·f)/∂z for every recorded output z.
+
+    f_flat: (b, c) model outputs; cotangents: (s, b, c), column k of S for every sample.
+    Each gradient is stored sample-major: (b, s, *z.shape[1:]).
+    """
+    zs = [z for call in calls for z in call.outputs]
+    s = cotangents.shape[0]
+    if s == 1:
+        grads = torch.autograd.grad(f_flat, zs, cotangents[0], allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(1) for g in grads]
+    else:
+        grads = torch.autograd.grad(f_flat, zs, cotangents, is_grads_batched=True, allow_unused=True)
+        grads = [None if g is None else g.movedim(0, 1) for g in grads]
+    q = 0
+    for call in calls:
+        call.grads = list(grads[q : q + len(call.outputs)])
+        q += len(call.outputs)
+
+
+def params_reached_outside(f: Tensor, regions: list[ModuleCall]) -> set[int]:
+    """ids of the leaf tensors (parameters) that the autograd graph of f reaches outside `regions`.
+
+    A region is a call handled by a layer rule: the walk jumps from its outputs straight to its
+    inputs, so the parameters used inside it are not reported. What is reported is used
+    somewhere no rule sees (functional use, a module that was not called, a parameter passed as
+    a layer input).
+    """
+    jump: dict[Any, list[Tensor]] = {}
+    for call in regions:
+        inputs = _tensors((call.args, call.kwargs))
+        for z in call.outputs:
+            if z.grad_fn is not None:
+                jump.setdefault(z.grad_fn, []).extend(inputs)
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    stack = [f.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in jump:
+            for a in jump[node]:
+                if a.grad_fn is not None:
+                    stack.append(a.grad_fn)
+                elif a.requires_grad:
+                    reached.add(id(a))
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            reached.add(id(variable))
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return reached

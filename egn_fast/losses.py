@@ -1,0 +1,271 @@
+"""Loss heads: the per-sample residual r, curvature factor S and row-space right-hand side w.
+
+Conventions (DESIGN §1): the loss is a mean over the batch, L = (1/b) Σ_i ℓ_i(f_i, y_i), with
+f_i ∈ R^c the flattened output of sample i.
+
+    r_i = ∂ℓ_i/∂f_i               (b, c)
+    Q_i = ∂²ℓ_i/∂f_i² = S_i S_iᵀ   S: (b, c, s)
+    S_i w_i = r_i                  w: (b, s)
+
+The EGN system is then (K + bλI) γ = w with K = J̃J̃ᵀ, J̃ = SᵀJ (m = b·s rows, sample-major).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LossHead",
+    "Loss",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
+    "AutogradLoss",
+    "resolve_loss",
+]
+
+
+@dataclass
+class LossHead:
+    """What the rest of the pipeline needs from a loss, evaluated at the current outputs.
+
+    per_sample: (b,)      ℓ_i
+    r:          (b, c)    ∂ℓ_i/∂f_i
+    S:          (b, c, s) factor of the output Hessian, S_i S_iᵀ = Q_i
+    w:          (b, s)    coefficients with S_i w_i = r_i
+    """
+
+    per_sample: Tensor
+    r: Tensor
+    S: Tensor
+    w: Tensor
+
+    @property
+    def value(self) -> Tensor:
+        """The batch loss L = mean_i ℓ_i (a 0-d tensor)."""
+        return self.per_sample.mean()
+
+
+class Loss:
+    """Base class of loss heads.
+
+    Subclasses implement `per_sample(outputs, targets) -> (b,)` and `head(outputs, targets)`.
+    A custom loss only needs `per_sample` and `residual_and_factor`; `head` then finds w by a
+    batched least-squares solve of S w = r (exact when r lies in range(S), as it must).
+    `outputs` is always (b, c) here; `targets` has been checked by `check_targets`.
+    """
+
+    name = "custom"
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Validate targets against outputs (b, c); return them reshaped for this loss."""
+        b, c = outputs.shape
+        if not isinstance(targets, Tensor):
+            raise ValueError(f"{self.name}: targets must be a tensor, got {type(targets).__name__}")
+        if targets.shape[0:1] != (b,) or targets.numel() != b * c:
+            raise ValueError(
+                f"{self.name}: targets of shape {tuple(targets.shape)} do not match outputs with "
+                f"{b} samples × {c} values per sample (expected (b, …) with {c} values per sample)"
+            )
+        targets = targets.reshape(b, c).to(outputs.dtype)
+        if not torch.isfinite(targets).all():
+            raise ValueError(f"{self.name}: targets contain non-finite values")
+        return targets
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def residual_and_factor(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Return r (b, c) and S (b, c, s) with S_i S_iᵀ = ∂²ℓ_i/∂f_i²."""
+        raise NotImplementedError
+
+    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+        with torch.no_grad():
+            r, S = self.residual_and_factor(outputs, targets)
+            w = torch.linalg.lstsq(S, r.unsqueeze(-1)).solution.squeeze(-1)
+            return LossHead(self.per_sample(outputs, targets), r, S, w)
+
+
+class MSELoss(Loss):
+    """ℓ_i = ½‖f_i − y_i‖²: r = f − y, Q = I, S = I (s = c), w = r."""
+
+    name = "mse"
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return 0.5 * (outputs - targets).square().sum(1)
+
+    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+        with torch.no_grad():
+            b, c = outputs.shape
+            r = outputs - targets
+            S = torch.eye(c, dtype=outputs.dtype, device=outputs.device).expand(b, c, c)
+            return LossHead(0.5 * r.square().sum(1), r, S, r)
+
+
+class CrossEntropyLoss(Loss):
+    """ℓ_i = −log softmax(f_i)[y_i] with integer targets y_i ∈ [0, c).
+
+    r = p − e_y, Q = diag(p) − ppᵀ. The full factor S = diag(√p) − p√pᵀ has √p in its null
+    space, so by default (`reduced=True`) we use the rank-(c−1) factor S' = diag(√p) U with U an
+    orthonormal basis of √p⊥ (a Householder reflection that maps √p to −e_j, j = argmax p,
+    minus its column j): one row fewer per sample, s = c − 1, same K + bλI solution.
+    w = Uᵀ(√p − e_y/√p_y) solves S' w = r.
+    """
+
+    name = "cross_entropy"
+
+    def __init__(self, reduced: bool = True):
+        self.reduced = reduced
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        b, c = outputs.shape
+        if not isinstance(targets, Tensor):
+            raise ValueError(f"cross_entropy: targets must be a tensor, got {type(targets).__name__}")
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+            raise ValueError(
+                f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}"
+            )
+        if targets.shape != (b,):
+            raise ValueError(
+                f"cross_entropy: targets of shape {tuple(targets.shape)} do not match outputs of "
+                f"shape {(b, c)} (expected ({b},) class indices)"
+            )
+        if c < 2:
+            raise ValueError(f"cross_entropy needs at least 2 classes, outputs have {c}")
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(f"cross_entropy: class index {lo if lo < 0 else hi} out of range [0, {c})")
+        return targets.long()
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return -torch.log_softmax(outputs, 1).gather(1, targets[:, None]).squeeze(1)
+
+    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+        with torch.no_grad():
+            b, c = outputs.shape
+            logp = torch.log_softmax(outputs, 1)
+            p = logp.exp()
+            sqrt_p = (0.5 * logp).exp()  # no underflow until log p < 2·log(tiny)
+            onehot = torch.nn.functional.one_hot(targets, c).to(outputs.dtype)
+            r = p - onehot
+            logp_y = logp.gather(1, targets[:, None])
+            per_sample = -logp_y.squeeze(1)
+            # w = √p − e_y/√p_y; p_y clamped to the dtype's smallest normal so w stays finite.
+            inv_sqrt_py = (-0.5 * logp_y).exp().clamp(max=torch.finfo(p.dtype).tiny ** -0.5)
+            w_full = sqrt_p - onehot * inv_sqrt_py
+            if not self.reduced:
+                S = torch.diag_embed(sqrt_p) - p[:, :, None] * sqrt_p[:, None, :]
+                return LossHead(per_sample, r, S, w_full)
+            # Householder H = I − v vᵀ/(1+√p_j), v = √p + e_j: H√p = −e_j, H symmetric orthogonal.
+            j = p.argmax(1)
+            e_j = torch.nn.functional.one_hot(j, c).to(p.dtype)
+            v = sqrt_p + e_j
+            scale = 1.0 / (1.0 + sqrt_p.gather(1, j[:, None]))  # vᵀv = 2(1 + √p_j)
+            H = torch.eye(c, dtype=p.dtype, device=p.device) - scale[:, :, None] * v[:, :, None] * v[:, None, :]
+            keep = torch.arange(c, device=p.device).expand(b, c)
+            keep = keep[keep != j[:, None]].view(b, c - 1)  # every column but j
+            U = H.gather(2, keep[:, None, :].expand(b, c, c - 1))  # (b, c, c−1), orthonormal ⊥ √p
+            S = sqrt_p[:, :, None] * U
+            w = torch.bmm(U.transpose(1, 2), w_full[:, :, None]).squeeze(2)
+            return LossHead(per_sample, r, S, w)
+
+
+class BCEWithLogitsLoss(Loss):
+    """ℓ_i = Σ_k softplus(f_ik) − y_ik f_ik (binary cross-entropy on logits, y ∈ [0, 1]).
+
+    r = σ(f) − y, Q = diag(q), q = σ(f)σ(−f), S = diag(√q), w = r/√q. q is clamped to the
+    dtype's smallest normal number so saturated logits keep a finite w (S w = r still holds).
+    """
+
+    name = "bce"
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        targets = super().check_targets(outputs, targets)
+        if (targets < 0).any() or (targets > 1).any():
+            raise ValueError("bce: targets must lie in [0, 1]")
+        return targets
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (torch.nn.functional.softplus(outputs) - targets * outputs).sum(1)
+
+    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+        with torch.no_grad():
+            p = torch.sigmoid(outputs)
+            q = (p * torch.sigmoid(-outputs)).clamp(min=torch.finfo(p.dtype).tiny)
+            sqrt_q = q.sqrt()
+            r = p - targets
+            return LossHead(self.per_sample(outputs, targets), r, torch.diag_embed(sqrt_q), r / sqrt_q)
+
+
+class AutogradLoss(Loss):
+    """Any per-sample loss ℓ(f_i, y_i) -> scalar, differentiated by torch.func.
+
+    r_i = ∇ℓ, Q_i = ∇²ℓ (torch.func.hessian, vmapped over the batch), S_i = chol(Q_i + εI) with
+    ε = jitter · mean(diag Q_i) (retried ×10 up to 4 times when Q_i is only semi-definite), and
+    w_i = S_i⁻¹ r_i. Exact up to ε; a loss whose output Hessian is indefinite (Gauss-Newton needs
+    a convex loss in f) raises.
+
+    fn(f_i (c,), y_i) -> 0-d tensor; targets are passed through unchanged (any shape (b, …)).
+    """
+
+    name = "autograd"
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], jitter: float = 1e-12):
+        self.fn = fn
+        self.jitter = jitter
+        self.name = getattr(fn, "__name__", "autograd")
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if not isinstance(targets, Tensor) or targets.shape[:1] != outputs.shape[:1]:
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(
+                f"{self.name}: targets {shape} must be a tensor with {outputs.shape[0]} samples"
+            )
+        return targets
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return torch.func.vmap(self.fn)(outputs, targets)
+
+    def residual_and_factor(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        r = torch.func.vmap(torch.func.grad(self.fn))(outputs, targets)
+        Q = torch.func.vmap(torch.func.hessian(self.fn))(outputs, targets)
+        Q = 0.5 * (Q + Q.transpose(1, 2))
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        scale = Q.diagonal(dim1=1, dim2=2).abs().mean(1).clamp(min=torch.finfo(Q.dtype).tiny)
+        eps = self.jitter
+        for _ in range(5):
+            S, info = torch.linalg.cholesky_ex(Q + (eps * scale)[:, None, None] * eye)
+            if not info.any():
+                return r, S
+            eps *= 10.0
+        bad = int(info.nonzero()[0, 0])
+        raise ValueError(
+            f"{self.name}: the output Hessian of sample {bad} is not positive semi-definite "
+            "(Gauss-Newton needs a loss that is convex in the outputs)"
+        )
+
+    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+        with torch.no_grad():
+            r, S = self.residual_and_factor(outputs, targets)
+            w = torch.linalg.solve_triangular(S, r.unsqueeze(-1), upper=False).squeeze(-1)
+            return LossHead(self.per_sample(outputs, targets), r, S, w)
+
+
+_NAMED = {"mse": MSELoss, "cross_entropy": CrossEntropyLoss, "bce": BCEWithLogitsLoss}
+
+
+def resolve_loss(loss: str | Loss | Callable[[Tensor, Tensor], Tensor]) -> Loss:
+    """Turn "mse" | "cross_entropy" | "bce" | a Loss object | a per-sample callable into a Loss."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        if loss not in _NAMED:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(_NAMED)} or a Loss object")
+        return _NAMED[loss]()
+    if callable(loss):
+        return AutogradLoss(loss)
+    raise ValueError(f"loss must be a name, a Loss object or a per-sample callable, got {type(loss).__name__}")

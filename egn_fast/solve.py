@@ -1,0 +1,92 @@
+"""The damped row-space solve (K + shift·I) γ = w.
+
+Cholesky first; when it breaks down (K is only semi-definite and the shift is tiny next to
+rounding), a jitter ε·mean(diag K) is added, ×10 per retry, and the jitter used is reported.
+`EigenSolver` factors K once (K = VΛVᵀ) and then solves for any shift in O(m²).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .ops import Backend
+
+__all__ = ["DampedSolve", "damped_solve", "EigenSolver", "SolveError"]
+
+
+class SolveError(RuntimeError):
+    """The damped system could not be factored even with the largest jitter."""
+
+
+@dataclass
+class DampedSolve:
+    """γ (m,) or (m, k) in K's dtype, and the jitter that had to be added to the diagonal (0.0 if none)."""
+
+    gamma: Tensor
+    jitter: float
+
+
+def damped_solve(
+    K: Tensor,
+    rhs: Tensor,
+    shift: float,
+    backend: Backend,
+    solve_dtype: torch.dtype | None = None,
+    first_jitter: float = 1e-10,
+    max_retries: int = 6,
+) -> DampedSolve:
+    """Solve (K + shift·I) γ = rhs by Cholesky, with a reported jitter retry.
+
+    K: (m, m) symmetric PSD; rhs: (m,) or (m, k); shift = b·λ ≥ 0. The factorization runs in
+    `solve_dtype` (default K's dtype); γ is returned in K's dtype.
+    """
+    dtype = solve_dtype or K.dtype
+    A = K.to(dtype)
+    diag = A.diagonal()
+    scale = float(diag.mean()) if A.numel() else 1.0
+    scale = scale if scale > 0 else 1.0
+    B = rhs.to(dtype).reshape(rhs.shape[0], -1)
+    jitter = 0.0
+    for attempt in range(max_retries + 1):
+        M = A.clone()
+        M.diagonal().add_(shift + jitter)
+        X, info = backend.cholesky_solve(M, B)
+        if X is not None:
+            if jitter:
+                warnings.warn(
+                    f"egn_fast: Cholesky of K + {shift:.3g}·I failed; solved with jitter {jitter:.3g} "
+                    f"({attempt} retr{'y' if attempt == 1 else 'ies'})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return DampedSolve(X.reshape(rhs.shape).to(K.dtype), jitter)
+        jitter = first_jitter * scale if jitter == 0.0 else jitter * 10.0
+    raise SolveError(
+        f"Cholesky of the {A.shape[0]}×{A.shape[0]} damped Gram failed (info={info}) even with "
+        f"jitter {jitter / 10.0:.3g}; increase damping or use solve_dtype=torch.float64"
+    )
+
+
+class EigenSolver:
+    """K = VΛVᵀ once (O(m³)); then γ(shift) = V (Λ + shift)⁻¹ Vᵀ rhs in O(m²) per shift.
+
+    K: (m, m) symmetric PSD. Negative eigenvalues from rounding are clipped to 0.
+    """
+
+    def __init__(self, K: Tensor, solve_dtype: torch.dtype | None = None):
+        self.dtype = K.dtype
+        evals, self.V = torch.linalg.eigh(K.to(solve_dtype or K.dtype))
+        self.evals = evals.clamp(min=0)
+
+    def solve(self, rhs: Tensor, shift: float) -> Tensor:
+        """γ with (K + shift·I) γ = rhs; rhs (m,) or (m, k); shift > 0."""
+        if shift <= 0:
+            raise ValueError(f"EigenSolver needs a positive shift, got {shift}")
+        coeff = self.V.T @ rhs.to(self.V.dtype)
+        scale = 1.0 / (self.evals + shift)
+        coeff = coeff * (scale if coeff.dim() == 1 else scale[:, None])
+        return (self.V @ coeff).to(self.dtype)
