@@ -277,6 +277,8 @@ def build_system(
     t0 = time.perf_counter()
     with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
         K, factors = _gram(plan, capture, b, s, acc_dtype, seq_method, ops, device)
+    if not torch.isfinite(K).all():
+        raise ValueError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
     _sync(device)
     clock["gram"] = time.perf_counter() - t0
     w = head.w.reshape(-1).to(acc_dtype)

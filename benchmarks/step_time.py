@@ -1,0 +1,345 @@
+"""CPU step time: egn_fast's EGN direction vs one SGD step vs EGN with a materialized Jacobian.
+
+All three are timed side by side in one process, on the same model and mini-batch (float32,
+damping λ = 1):
+
+* egn      `egn_fast.direction(...)`: capture, loss head, batched backward, Gram, solve,
+           back-projection (never builds J).
+* sgd      zero_grad + forward + loss + backward + `torch.optim.SGD.step`.
+* matJ     the same direction from a materialized J̃ = SᵀJ (m = b·s rows by `torch.func.jacrev`
+           over `functional_call`), K = J̃J̃ᵀ, Cholesky of K + bλI, d = −J̃ᵀγ.
+
+The materialized direction is checked against egn_fast's (relative error) so the comparison is
+honest. Each repeat runs every method once (interleaved, so drift hits all alike); we report the
+median. egn_fast's per-stage timings (`direction_with_info(..., timings=True)`) are recorded too.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/step_time.py            # full run
+    PYTHONPATH=. .venv/bin/python benchmarks/step_time.py --quick    # smoke run
+
+Writes <out>/step_time_cpu.json and <out>/step_time_cpu.md (default out: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import egn_fast
+from egn_fast.losses import resolve_loss
+
+REPO = Path(__file__).resolve().parents[1]
+DAMPING = 1.0
+SEED = 0
+STAGES = ["forward", "loss_head", "backward", "gram", "solve", "backproject"]
+# Targets from the project brief: EGN direction / SGD step per case, and matJ / EGN (all cases).
+EGN_OVER_SGD_TARGET = {"mlp": 7.0, "regression": 4.0}
+MATJ_OVER_EGN_TARGET = 100.0
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+class TransformerClassifier(nn.Module):
+    """One pre-LN transformer block on (b, T, width), mean-pooled over T, then a linear head.
+
+    x ← x + Wo·attn(LN(x)),  x ← x + MLP(LN(x)) with MLP width→hidden→width (GELU);
+    attention is plain softmax attention over `heads` heads, written in torch ops.
+    """
+
+    def __init__(self, width: int = 64, heads: int = 4, hidden: int = 256, classes: int = 10):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, T, width = x.shape
+        h = self.ln1(x)
+        split = lambda z: z.view(b, T, self.heads, width // self.heads).transpose(1, 2)  # (b, H, T, dh)
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(width // self.heads), dim=-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(b, T, width))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+def california_batch(data_dir: Path, b: int, gen: torch.Generator) -> tuple[Tensor, Tensor, str]:
+    """b standardized rows of California Housing (X: 8 features, y: house value), or random data
+    with a printed note when the file is missing."""
+    path = data_dir / "california_housing.npz"
+    if not path.exists():
+        print(f"note: {path} not found; the regression case uses random data")
+        return torch.randn(b, 8, generator=gen), torch.randn(b, 1, generator=gen), "random"
+    with np.load(path) as data:
+        X, y = torch.from_numpy(data["X"]).float(), torch.from_numpy(data["y"]).float()
+    X = (X - X.mean(0)) / X.std(0)
+    y = (y - y.mean()) / y.std()
+    rows = torch.randperm(X.shape[0], generator=gen)[:b]
+    return X[rows], y[rows, None], "california_housing"
+
+
+@dataclass
+class Case:
+    """One benchmark case: a model, a mini-batch and the loss (an egn_fast loss name)."""
+
+    key: str
+    title: str
+    model: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    loss: str
+    data: str
+
+
+def make_cases(data_dir: Path) -> list[Case]:
+    """The three cases of the benchmark, float32, with fixed seeds."""
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    mlp = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    reg = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
+    X_reg, y_reg, reg_data = california_batch(data_dir, 128, gen)
+    return [
+        Case("mlp", "MLP 784-256-256-10 tanh, b=64, cross_entropy", mlp,
+             torch.randn(64, 784, generator=gen), torch.randint(0, 10, (64,), generator=gen), "cross_entropy", "random"),
+        Case("regression", "MLP 8-32-64-32-1 ReLU, b=128, mse", reg, X_reg, y_reg, "mse", reg_data),
+        Case("transformer", "pre-LN transformer block, b=8 T=16 width=64 4 heads, cross_entropy",
+             TransformerClassifier(), torch.randn(8, 16, 64, generator=gen),
+             torch.randint(0, 10, (8,), generator=gen), "cross_entropy", "random"),
+    ]
+
+
+# --------------------------------------------------------------------------- the three methods
+
+
+def torch_loss(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
+    """The batch-mean loss in egn_fast's convention (mse: ½‖f − y‖² per sample)."""
+    if loss == "mse":
+        return 0.5 * (outputs - targets).square().sum(1).mean()
+    return F.cross_entropy(outputs, targets)
+
+
+def make_sgd_step(case: Case) -> Callable[[], None]:
+    """One SGD step on a private copy of the model (so the other methods see fixed parameters)."""
+    model = copy.deepcopy(case.model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        torch_loss(case.loss, model(case.inputs), case.targets).backward()
+        opt.step()
+
+    return step
+
+
+def egn_direction(case: Case) -> list[Tensor]:
+    """egn_fast's direction: the method under test."""
+    return egn_fast.direction(case.model, case.inputs, case.targets, loss=case.loss, damping=DAMPING)
+
+
+def materialized_direction(case: Case) -> list[Tensor]:
+    """The EGN direction from a materialized J̃ = SᵀJ (m × d), with the same loss head as egn_fast.
+
+    Rows by `torch.func.jacrev` of θ ↦ (S_iᵀ f_i(θ))_i (S held constant), then K = J̃J̃ᵀ,
+    (K + bλI)γ = w by Cholesky, d = −J̃ᵀγ split back into parameter shapes.
+    """
+    names = [n for n, p in case.model.named_parameters()]
+    params = {n: p.detach() for n, p in case.model.named_parameters()}
+    b = case.inputs.shape[0]
+
+    def outputs(ps: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(case.model, ps, (case.inputs,)).reshape(b, -1)
+
+    with torch.no_grad():
+        f = outputs(params)
+    loss = resolve_loss(case.loss)
+    head = loss.head(f, loss.check_targets(f, case.targets))
+    S = head.S
+
+    def rows(ps: dict[str, Tensor]) -> Tensor:  # (m,) = S_iᵀ f_i for every sample, sample-major
+        return torch.einsum("bc,bcs->bs", outputs(ps), S).reshape(-1)
+
+    jac = torch.func.jacrev(rows)(params)
+    J = torch.cat([jac[n].flatten(1) for n in names], 1)  # (m, d)
+    K = J @ J.T
+    K.diagonal().add_(b * DAMPING)
+    gamma = torch.cholesky_solve(head.w.reshape(-1, 1), torch.linalg.cholesky(K))
+    d = -(J.T @ gamma).squeeze(1)
+    return [x.view_as(params[n]) for x, n in zip(d.split([params[n].numel() for n in names]), names)]
+
+
+def rel_err(got: list[Tensor], want: list[Tensor]) -> float:
+    """‖got − want‖ / ‖want‖ over all parameters, in float64."""
+    g = torch.cat([x.double().reshape(-1) for x in got])
+    w = torch.cat([x.double().reshape(-1) for x in want])
+    return float((g - w).norm() / w.norm())
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def ms(fn: Callable[[], object]) -> float:
+    """Wall time of one call, in milliseconds."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_case(case: Case, repeats: int, warmup: int) -> dict:
+    """Check matJ against egn, then time egn, sgd and matJ interleaved; medians in ms."""
+    err = rel_err(materialized_direction(case), egn_direction(case))
+    sgd_step = make_sgd_step(case)
+    methods: dict[str, Callable[[], object]] = {
+        "egn": lambda: egn_direction(case),
+        "sgd": sgd_step,
+        "matJ": lambda: materialized_direction(case),
+    }
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    for r in tqdm(range(warmup + repeats), desc=case.key, leave=False):
+        info = egn_fast.direction_with_info(
+            case.model, case.inputs, case.targets, loss=case.loss, damping=DAMPING, timings=True
+        )
+        sample = {k: ms(fn) for k, fn in methods.items()}
+        if r < warmup:
+            continue
+        for k, t in sample.items():
+            times[k].append(t)
+        for k in STAGES:
+            stages[k].append(info.timings[k] * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    stage_med = {k: statistics.median(v) for k, v in stages.items()}
+    b, s = case.inputs.shape[0], info.m // case.inputs.shape[0]
+    n_params = sum(p.numel() for p in case.model.parameters())
+    result = {
+        "case": case.key,
+        "title": case.title,
+        "data": case.data,
+        "b": b,
+        "s": s,
+        "m": info.m,
+        "params": n_params,
+        "matJ_rel_err": err,
+        "median_ms": med,
+        "egn_stages_median_ms": stage_med,
+        "egn_stages_sum_ms": sum(stage_med.values()),
+        "egn_over_sgd": med["egn"] / med["sgd"],
+        "matJ_over_egn": med["matJ"] / med["egn"],
+        "targets": {},
+    }
+    if case.key in EGN_OVER_SGD_TARGET:
+        goal = EGN_OVER_SGD_TARGET[case.key]
+        result["targets"]["egn_over_sgd"] = {"max": goal, "met": result["egn_over_sgd"] <= goal}
+    result["targets"]["matJ_over_egn"] = {"min": MATJ_OVER_EGN_TARGET, "met": result["matJ_over_egn"] >= MATJ_OVER_EGN_TARGET}
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    """Platform, CPU model, torch version and thread count."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def verdict(target: dict) -> str:
+    return "met" if target["met"] else "NOT met"
+
+
+def markdown(report: dict) -> str:
+    """The two result tables (step times and ratios; egn stage times) as markdown."""
+    mach = report["machine"]
+    lines = [
+        "# Step time on the CPU: EGN direction vs SGD step vs materialized J",
+        "",
+        f"{mach['cpu']}, {mach['torch_threads']} torch threads, torch {mach['torch']}, {mach['platform']}. "
+        f"float32, damping {report['settings']['damping']}, median of {report['settings']['repeats']} repeats "
+        f"after {report['settings']['warmup']} warm-up rounds.",
+        "",
+        "| case | params | b | m | SGD ms | EGN ms | matJ ms | EGN/SGD | matJ/EGN | matJ rel err |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["cases"]:
+        t = r["median_ms"]
+        lines.append(
+            f"| {r['title']} | {r['params']:,} | {r['b']} | {r['m']} | {t['sgd']:.3f} | {t['egn']:.3f} | "
+            f"{t['matJ']:.1f} | {r['egn_over_sgd']:.2f} | {r['matJ_over_egn']:.1f} | {r['matJ_rel_err']:.1e} |"
+        )
+    lines += [
+        "",
+        "EGN stages (`direction_with_info(..., timings=True)`), median ms:",
+        "",
+        "| case | " + " | ".join(STAGES) + " | sum |",
+        "|---|" + "---:|" * (len(STAGES) + 1),
+    ]
+    for r in report["cases"]:
+        st = r["egn_stages_median_ms"]
+        lines.append(f"| {r['case']} | " + " | ".join(f"{st[k]:.3f}" for k in STAGES) + f" | {r['egn_stages_sum_ms']:.3f} |")
+    lines += ["", "Targets:", ""]
+    for r in report["cases"]:
+        for name, t in r["targets"].items():
+            value = r[name]
+            bound = f"≤ {t['max']:g}" if "max" in t else f"≥ {t['min']:g}"
+            lines.append(f"- {r['case']}: {name} = {value:.2f} (target {bound}): **{verdict(t)}**")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 30; 5 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+                        help="directory with california_housing.npz (default ../shared/data from the repo root)")
+    args = parser.parse_args()
+    repeats = args.repeats or (5 if args.quick else 30)
+    warmup = 1 if args.quick else 3
+
+    cases = make_cases(args.data_dir)
+    results = [bench_case(case, repeats, warmup) for case in tqdm(cases, desc="cases")]
+    report = {
+        "machine": machine_info(),
+        "settings": {"dtype": "float32", "damping": DAMPING, "repeats": repeats, "warmup": warmup, "seed": SEED},
+        "cases": results,
+    }
+    table = markdown(report)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_time_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "step_time_cpu.md").write_text(table)
+    print(f"wrote {args.out / 'step_time_cpu.json'} and {args.out / 'step_time_cpu.md'}")
+
+
+if __name__ == "__main__":
+    main()
