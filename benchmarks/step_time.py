@@ -202,42 +202,60 @@ def ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_case(case: Case, repeats: int, warmup: int) -> dict:
-    """Check matJ against egn, then time egn, sgd and matJ interleaved; medians in ms."""
+def bench_case(case: Case, repeats: int, warmup: int, rounds: int = 3) -> dict:
+    """Check matJ against egn, then time egn, sgd and matJ; medians in ms.
+
+    Each method runs in blocks of back-to-back calls (as in a training loop, with its caches
+    warm): `rounds` rounds, each method per round `warmup` untimed calls then its share of
+    `repeats` timed ones, so slow drift of the machine hits all methods alike. A fourth block
+    per round collects egn_fast's own stage timings (`direction_with_info(..., timings=True)`).
+    """
     err = rel_err(materialized_direction(case), egn_direction(case))
-    sgd_step = make_sgd_step(case)
     methods: dict[str, Callable[[], object]] = {
         "egn": lambda: egn_direction(case),
-        "sgd": sgd_step,
+        "sgd": make_sgd_step(case),
         "matJ": lambda: materialized_direction(case),
     }
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    stages: dict[str, list[float]] = {k: [] for k in STAGES}
-    for r in tqdm(range(warmup + repeats), desc=case.key, leave=False):
+
+    def egn_stages() -> dict[str, float]:
         info = egn_fast.direction_with_info(
             case.model, case.inputs, case.targets, loss=case.loss, damping=DAMPING, timings=True
         )
-        sample = {k: ms(fn) for k, fn in methods.items()}
-        if r < warmup:
-            continue
-        for k, t in sample.items():
-            times[k].append(t)
-        for k in STAGES:
-            stages[k].append(info.timings[k] * 1e3)
+        return info.timings
+
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    per_round = math.ceil(repeats / rounds)
+    with tqdm(total=rounds * (len(methods) + 1) * (warmup + per_round), desc=case.key, leave=False) as bar:
+        for _ in range(rounds):
+            for k, fn in methods.items():
+                for _ in range(warmup):
+                    fn()
+                times[k] += [ms(fn) for _ in range(per_round)]
+                bar.update(warmup + per_round)
+            for _ in range(warmup):
+                egn_stages()
+            for _ in range(per_round):
+                timing = egn_stages()
+                for k in STAGES:
+                    stages[k].append(timing[k] * 1e3)
+            bar.update(warmup + per_round)
     med = {k: statistics.median(v) for k, v in times.items()}
     stage_med = {k: statistics.median(v) for k, v in stages.items()}
-    b, s = case.inputs.shape[0], info.m // case.inputs.shape[0]
+    b = case.inputs.shape[0]
     n_params = sum(p.numel() for p in case.model.parameters())
+    m = egn_fast.build_system(case.model, case.inputs, case.targets, loss=case.loss).K.shape[0]
     result = {
         "case": case.key,
         "title": case.title,
         "data": case.data,
         "b": b,
-        "s": s,
-        "m": info.m,
+        "s": m // b,
+        "m": m,
         "params": n_params,
         "matJ_rel_err": err,
         "median_ms": med,
+        "quartiles_ms": {k: statistics.quantiles(v, n=4)[::2] for k, v in times.items()},
         "egn_stages_median_ms": stage_med,
         "egn_stages_sum_ms": sum(stage_med.values()),
         "egn_over_sgd": med["egn"] / med["sgd"],
@@ -324,7 +342,7 @@ def main() -> None:
                         help="directory with california_housing.npz (default ../shared/data from the repo root)")
     args = parser.parse_args()
     repeats = args.repeats or (5 if args.quick else 30)
-    warmup = 1 if args.quick else 3
+    warmup = 1 if args.quick else 2
 
     cases = make_cases(args.data_dir)
     results = [bench_case(case, repeats, warmup) for case in tqdm(cases, desc="cases")]
