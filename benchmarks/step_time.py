@@ -3,15 +3,18 @@
 All three are timed side by side in one process, on the same model and mini-batch (float32,
 damping λ = 1):
 
-* egn      `egn_fast.direction(...)`: capture, loss head, batched backward, Gram, solve,
-           back-projection (never builds J).
-* sgd      zero_grad + forward + loss + backward + `torch.optim.SGD.step`.
-* matJ     the same direction from a materialized J̃ = SᵀJ (m = b·s rows by `torch.func.jacrev`
-           over `functional_call`), K = J̃J̃ᵀ, Cholesky of K + bλI, d = −J̃ᵀγ.
+* egn    `egn_fast.direction(...)`: capture, loss head, batched backward, Gram, solve,
+         back-projection (never builds J).
+* sgd    zero_grad + forward + loss + backward + `torch.optim.SGD.step`.
+* matJ   the same direction from a materialized J̃ = SᵀJ (m = b·s rows by `torch.func.jacrev`
+         over `functional_call`), K = J̃J̃ᵀ, Cholesky of K + bλI, d = −J̃ᵀγ.
 
-The materialized direction is checked against egn_fast's (relative error) so the comparison is
-honest. Each repeat runs every method once (interleaved, so drift hits all alike); we report the
-median. egn_fast's per-stage timings (`direction_with_info(..., timings=True)`) are recorded too.
+The materialized direction is checked against egn_fast's (relative error), so the comparison is
+honest. Each method is timed in blocks of back-to-back calls (warm caches, as in a training
+loop), in several rounds so that drift of the machine hits all methods alike; we report medians.
+egn and sgd are timed for every case before matJ runs at all: matJ's huge temporaries change
+how glibc's malloc behaves afterwards (see benchmarks/README.md). egn_fast's own per-stage
+timings (`direction_with_info(..., timings=True)`) and minor page faults per call are recorded too.
 
     PYTHONPATH=. .venv/bin/python benchmarks/step_time.py            # full run
     PYTHONPATH=. .venv/bin/python benchmarks/step_time.py --quick    # smoke run
@@ -26,9 +29,10 @@ import copy
 import json
 import math
 import platform
+import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +48,9 @@ from egn_fast.losses import resolve_loss
 REPO = Path(__file__).resolve().parents[1]
 DAMPING = 1.0
 SEED = 0
+ROUNDS = 3
 STAGES = ["forward", "loss_head", "backward", "gram", "solve", "backproject"]
-# Targets from the project brief: EGN direction / SGD step per case, and matJ / EGN (all cases).
+# Targets: EGN direction / SGD step (per case, where set), and matJ / EGN (every case).
 EGN_OVER_SGD_TARGET = {"mlp": 7.0, "regression": 4.0}
 MATJ_OVER_EGN_TARGET = 100.0
 
@@ -70,18 +75,18 @@ class TransformerClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, T, width = x.shape
+        dh = width // self.heads
         h = self.ln1(x)
-        split = lambda z: z.view(b, T, self.heads, width // self.heads).transpose(1, 2)  # (b, H, T, dh)
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(width // self.heads), dim=-1)
+        q, k, v = (z.view(b, T, self.heads, dh).transpose(1, 2) for z in (self.q(h), self.k(h), self.v(h)))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dh), dim=-1)  # (b, heads, T, T)
         x = x + self.o((att @ v).transpose(1, 2).reshape(b, T, width))
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
         return self.head(x.mean(1))
 
 
 def california_batch(data_dir: Path, b: int, gen: torch.Generator) -> tuple[Tensor, Tensor, str]:
-    """b standardized rows of California Housing (X: 8 features, y: house value), or random data
-    with a printed note when the file is missing."""
+    """b random rows of California Housing, features and target standardized; random data
+    (with a printed note) when the file is missing. Returns X (b, 8), y (b, 1), the data name."""
     path = data_dir / "california_housing.npz"
     if not path.exists():
         print(f"note: {path} not found; the regression case uses random data")
@@ -160,7 +165,6 @@ def materialized_direction(case: Case) -> list[Tensor]:
     Rows by `torch.func.jacrev` of θ ↦ (S_iᵀ f_i(θ))_i (S held constant), then K = J̃J̃ᵀ,
     (K + bλI)γ = w by Cholesky, d = −J̃ᵀγ split back into parameter shapes.
     """
-    names = [n for n, p in case.model.named_parameters()]
     params = {n: p.detach() for n, p in case.model.named_parameters()}
     b = case.inputs.shape[0]
 
@@ -171,18 +175,17 @@ def materialized_direction(case: Case) -> list[Tensor]:
         f = outputs(params)
     loss = resolve_loss(case.loss)
     head = loss.head(f, loss.check_targets(f, case.targets))
-    S = head.S
 
-    def rows(ps: dict[str, Tensor]) -> Tensor:  # (m,) = S_iᵀ f_i for every sample, sample-major
-        return torch.einsum("bc,bcs->bs", outputs(ps), S).reshape(-1)
+    def rows(ps: dict[str, Tensor]) -> Tensor:  # (m,): S_iᵀ f_i for every sample, sample-major
+        return torch.einsum("bc,bcs->bs", outputs(ps), head.S).reshape(-1)
 
     jac = torch.func.jacrev(rows)(params)
-    J = torch.cat([jac[n].flatten(1) for n in names], 1)  # (m, d)
+    J = torch.cat([jac[n].flatten(1) for n in params], 1)  # (m, d)
     K = J @ J.T
     K.diagonal().add_(b * DAMPING)
     gamma = torch.cholesky_solve(head.w.reshape(-1, 1), torch.linalg.cholesky(K))
     d = -(J.T @ gamma).squeeze(1)
-    return [x.view_as(params[n]) for x, n in zip(d.split([params[n].numel() for n in names]), names)]
+    return [x.view_as(p) for x, p in zip(d.split([p.numel() for p in params.values()]), params.values())]
 
 
 def rel_err(got: list[Tensor], want: list[Tensor]) -> float:
@@ -195,69 +198,94 @@ def rel_err(got: list[Tensor], want: list[Tensor]) -> float:
 # --------------------------------------------------------------------------- timing
 
 
-def ms(fn: Callable[[], object]) -> float:
-    """Wall time of one call, in milliseconds."""
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+@dataclass
+class Samples:
+    """Wall times (ms) and minor page faults of the timed calls of one method."""
+
+    ms: list[float] = field(default_factory=list)
+    faults: int = 0
+
+    def time_calls(self, fn: Callable[[], object], calls: int) -> None:
+        """Time `calls` back-to-back calls of fn, one perf_counter interval each."""
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            self.ms.append((time.perf_counter() - t0) * 1e3)
+        self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ms)
 
 
-def bench_case(case: Case, repeats: int, warmup: int, rounds: int = 3) -> dict:
-    """Check matJ against egn, then time egn, sgd and matJ; medians in ms.
-
-    Each method runs in blocks of back-to-back calls (as in a training loop, with its caches
-    warm): `rounds` rounds, each method per round `warmup` untimed calls then its share of
-    `repeats` timed ones, so slow drift of the machine hits all methods alike. A fourth block
-    per round collects egn_fast's own stage timings (`direction_with_info(..., timings=True)`).
-    """
-    err = rel_err(materialized_direction(case), egn_direction(case))
-    methods: dict[str, Callable[[], object]] = {
-        "egn": lambda: egn_direction(case),
-        "sgd": make_sgd_step(case),
-        "matJ": lambda: materialized_direction(case),
-    }
-
-    def egn_stages() -> dict[str, float]:
-        info = egn_fast.direction_with_info(
-            case.model, case.inputs, case.targets, loss=case.loss, damping=DAMPING, timings=True
-        )
-        return info.timings
-
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    stages: dict[str, list[float]] = {k: [] for k in STAGES}
-    per_round = math.ceil(repeats / rounds)
-    with tqdm(total=rounds * (len(methods) + 1) * (warmup + per_round), desc=case.key, leave=False) as bar:
-        for _ in range(rounds):
+def time_methods(methods: dict[str, Callable[[], object]], repeats: int, warmup: int, desc: str) -> dict[str, Samples]:
+    """ROUNDS rounds; in each, every method gets `warmup` untimed calls, then its share of
+    `repeats` timed calls back to back (warm caches, as in a training loop). Rounds spread
+    slow drift of the machine over all methods alike."""
+    samples = {k: Samples() for k in methods}
+    per_round = math.ceil(repeats / ROUNDS)
+    with tqdm(total=ROUNDS * len(methods), desc=desc, leave=False) as bar:
+        for _ in range(ROUNDS):
             for k, fn in methods.items():
                 for _ in range(warmup):
                     fn()
-                times[k] += [ms(fn) for _ in range(per_round)]
-                bar.update(warmup + per_round)
-            for _ in range(warmup):
-                egn_stages()
-            for _ in range(per_round):
-                timing = egn_stages()
-                for k in STAGES:
-                    stages[k].append(timing[k] * 1e3)
-            bar.update(warmup + per_round)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    stage_med = {k: statistics.median(v) for k, v in stages.items()}
+                samples[k].time_calls(fn, per_round)
+                bar.update()
+    return samples
+
+
+def bench_egn_sgd(case: Case, repeats: int, warmup: int) -> dict:
+    """Time egn and sgd, and egn's stages (from separate `direction_with_info(..., timings=True)`
+    calls timed the same way)."""
+    stage_ms: dict[str, list[float]] = {k: [] for k in STAGES}
+
+    def egn_with_stages() -> None:
+        info = egn_fast.direction_with_info(
+            case.model, case.inputs, case.targets, loss=case.loss, damping=DAMPING, timings=True
+        )
+        for k in STAGES:
+            stage_ms[k].append(info.timings[k] * 1e3)
+
+    samples = time_methods(
+        {"egn": lambda: egn_direction(case), "sgd": make_sgd_step(case), "egn_stages": egn_with_stages},
+        repeats, warmup, case.key,
+    )
+    # egn_with_stages logged every call; per round, the first `warmup` of each block are untimed.
+    block = warmup + math.ceil(repeats / ROUNDS)
+    stages = {k: statistics.median(x for i, x in enumerate(v) if i % block >= warmup) for k, v in stage_ms.items()}
+    return {"samples": samples, "stages": stages}
+
+
+def bench_matj(case: Case, repeats: int, warmup: int) -> dict:
+    """Check the materialized direction against egn_fast's, then time it."""
+    err = rel_err(materialized_direction(case), egn_direction(case))
+    samples = time_methods({"matJ": lambda: materialized_direction(case)}, repeats, warmup, case.key)
+    return {"samples": samples, "rel_err": err}
+
+
+def case_result(case: Case, egn_sgd: dict, matj: dict) -> dict:
+    """One case's entry of the report: sizes, medians, ratios, stage times, target checks."""
+    samples: dict[str, Samples] = {**egn_sgd["samples"], **matj["samples"]}
+    med = {k: samples[k].median for k in ("egn", "sgd", "matJ")}
     b = case.inputs.shape[0]
-    n_params = sum(p.numel() for p in case.model.parameters())
     m = egn_fast.build_system(case.model, case.inputs, case.targets, loss=case.loss).K.shape[0]
     result = {
         "case": case.key,
         "title": case.title,
         "data": case.data,
+        "loss": case.loss,
         "b": b,
         "s": m // b,
         "m": m,
-        "params": n_params,
-        "matJ_rel_err": err,
+        "params": sum(p.numel() for p in case.model.parameters()),
+        "timed_calls": len(samples["egn"].ms),
+        "matJ_rel_err": matj["rel_err"],
         "median_ms": med,
-        "quartiles_ms": {k: statistics.quantiles(v, n=4)[::2] for k, v in times.items()},
-        "egn_stages_median_ms": stage_med,
-        "egn_stages_sum_ms": sum(stage_med.values()),
+        "quartiles_ms": {k: statistics.quantiles(samples[k].ms, n=4)[::2] for k in med},
+        "page_faults_per_call": {k: samples[k].faults / len(samples[k].ms) for k in med},
+        "egn_stages_median_ms": egn_sgd["stages"],
+        "egn_stages_sum_ms": sum(egn_sgd["stages"].values()),
         "egn_over_sgd": med["egn"] / med["sgd"],
         "matJ_over_egn": med["matJ"] / med["egn"],
         "targets": {},
@@ -265,7 +293,10 @@ def bench_case(case: Case, repeats: int, warmup: int, rounds: int = 3) -> dict:
     if case.key in EGN_OVER_SGD_TARGET:
         goal = EGN_OVER_SGD_TARGET[case.key]
         result["targets"]["egn_over_sgd"] = {"max": goal, "met": result["egn_over_sgd"] <= goal}
-    result["targets"]["matJ_over_egn"] = {"min": MATJ_OVER_EGN_TARGET, "met": result["matJ_over_egn"] >= MATJ_OVER_EGN_TARGET}
+    result["targets"]["matJ_over_egn"] = {
+        "min": MATJ_OVER_EGN_TARGET,
+        "met": result["matJ_over_egn"] >= MATJ_OVER_EGN_TARGET,
+    }
     return result
 
 
@@ -291,19 +322,15 @@ def machine_info() -> dict:
     }
 
 
-def verdict(target: dict) -> str:
-    return "met" if target["met"] else "NOT met"
-
-
 def markdown(report: dict) -> str:
-    """The two result tables (step times and ratios; egn stage times) as markdown."""
-    mach = report["machine"]
+    """The result tables (times and ratios; egn stage times) and the target checks, as markdown."""
+    mach, settings = report["machine"], report["settings"]
     lines = [
         "# Step time on the CPU: EGN direction vs SGD step vs materialized J",
         "",
         f"{mach['cpu']}, {mach['torch_threads']} torch threads, torch {mach['torch']}, {mach['platform']}. "
-        f"float32, damping {report['settings']['damping']}, median of {report['settings']['repeats']} repeats "
-        f"after {report['settings']['warmup']} warm-up rounds.",
+        f"float32, damping {settings['damping']}; medians of {report['cases'][0]['timed_calls']} timed calls "
+        f"per method ({settings['rounds']} rounds, {settings['warmup']} warm-up calls per method and round).",
         "",
         "| case | params | b | m | SGD ms | EGN ms | matJ ms | EGN/SGD | matJ/EGN | matJ rel err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -316,39 +343,47 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "EGN stages (`direction_with_info(..., timings=True)`), median ms:",
+        "EGN stages (`direction_with_info(..., timings=True)`, separate calls), median ms, and minor "
+        "page faults per call:",
         "",
-        "| case | " + " | ".join(STAGES) + " | sum |",
-        "|---|" + "---:|" * (len(STAGES) + 1),
+        "| case | " + " | ".join(STAGES) + " | sum | faults EGN | faults SGD |",
+        "|---|" + "---:|" * (len(STAGES) + 3),
     ]
     for r in report["cases"]:
-        st = r["egn_stages_median_ms"]
-        lines.append(f"| {r['case']} | " + " | ".join(f"{st[k]:.3f}" for k in STAGES) + f" | {r['egn_stages_sum_ms']:.3f} |")
+        st, pf = r["egn_stages_median_ms"], r["page_faults_per_call"]
+        lines.append(
+            f"| {r['case']} | " + " | ".join(f"{st[k]:.3f}" for k in STAGES)
+            + f" | {r['egn_stages_sum_ms']:.3f} | {pf['egn']:.0f} | {pf['sgd']:.0f} |"
+        )
     lines += ["", "Targets:", ""]
     for r in report["cases"]:
         for name, t in r["targets"].items():
-            value = r[name]
             bound = f"≤ {t['max']:g}" if "max" in t else f"≥ {t['min']:g}"
-            lines.append(f"- {r['case']}: {name} = {value:.2f} (target {bound}): **{verdict(t)}**")
+            lines.append(f"- {r['case']}: {name} = {r[name]:.2f} (target {bound}): **{'met' if t['met'] else 'NOT met'}**")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 30; 5 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per method and case (default 30; 6 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="few repeats and one warm-up call, for a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                        help="directory with california_housing.npz (default ../shared/data from the repo root)")
+                        help="directory with california_housing.npz (default: ../shared/data from the repo root)")
     args = parser.parse_args()
-    repeats = args.repeats or (5 if args.quick else 30)
+    repeats = args.repeats or (6 if args.quick else 30)
     warmup = 1 if args.quick else 2
 
     cases = make_cases(args.data_dir)
-    results = [bench_case(case, repeats, warmup) for case in tqdm(cases, desc="cases")]
+    # egn and sgd for every case first: matJ's huge temporaries change how the allocator
+    # behaves afterwards (see README), and egn should be measured as a training process sees it.
+    egn_sgd = [bench_egn_sgd(case, repeats, warmup) for case in tqdm(cases, desc="egn, sgd")]
+    matj = [bench_matj(case, repeats, warmup) for case in tqdm(cases, desc="matJ")]
+    results = [case_result(*args) for args in zip(cases, egn_sgd, matj)]
     report = {
         "machine": machine_info(),
-        "settings": {"dtype": "float32", "damping": DAMPING, "repeats": repeats, "warmup": warmup, "seed": SEED},
+        "settings": {"dtype": "float32", "damping": DAMPING, "repeats": repeats, "rounds": ROUNDS,
+                     "warmup": warmup, "seed": SEED, "quick": args.quick},
         "cases": results,
     }
     table = markdown(report)
