@@ -7,6 +7,7 @@ as d = −J̃ᵀ(K + bλI)⁻¹w with K = J̃J̃ᵀ formed from per-layer activa
 """
 
 from . import ops
+from .cpu import reuse_cpu_memory
 from .direction import DirectionResult, RowSpaceSystem, Solution, build_system, direction, direction_with_info
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, LossHead, MSELoss
 from .solve import EigenSolver, SolveError, damped_solve
@@ -30,4 +31,5 @@ __all__ = [
     "SolveError",
     "damped_solve",
     "ops",
+    "reuse_cpu_memory",
 ]

@@ -25,6 +25,8 @@ _COPY_IO: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _tensors(tree: Any) -> list[Tensor]:
+    if isinstance(tree, tuple) and all(isinstance(x, Tensor) for x in tree):
+        return list(tree)  # the common case (positional tensor arguments), without pytree
     return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
 
 
@@ -38,17 +40,18 @@ class ModuleCall:
 
     args: tuple
     kwargs: dict
+    inputs: list[Tensor]  # the tensors among args and kwargs
     outputs: list[Tensor]
     output_index: list[int]
-    versions: list[int]
     grads: list[Tensor | None] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
 
-    def io_tensors(self) -> list[Tensor]:
-        return _tensors((self.args, self.kwargs)) + self.outputs
+    def __post_init__(self) -> None:
+        self.versions = [t._version for t in self.inputs + self.outputs]
 
     @property
     def modified_in_place(self) -> bool:
-        return any(t._version != v for t, v in zip(self.io_tensors(), self.versions))
+        return any(t._version != v for t, v in zip(self.inputs + self.outputs, self.versions))
 
 
 class Capture:
@@ -77,7 +80,10 @@ class Capture:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.active:
             return None
-        leaves, spec = tree_flatten(output)
+        if isinstance(output, Tensor):
+            leaves, spec = [output], None
+        else:
+            leaves, spec = tree_flatten(output)
         index = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
         replaced = None
         if module in _COPY_IO:
@@ -87,11 +93,9 @@ class Capture:
             passed = list(leaves)
             for q in index:
                 passed[q] = leaves[q].clone()
-            replaced = tree_unflatten(passed, spec)
-        outputs = [leaves[q] for q in index]
-        call = ModuleCall(args, kwargs, outputs, index, [])
-        call.versions = [t._version for t in call.io_tensors()]
-        self.calls.setdefault(module, []).append(call)
+            replaced = passed[0] if spec is None else tree_unflatten(passed, spec)
+        inputs = _tensors(args) if not kwargs else _tensors((args, kwargs))
+        self.calls.setdefault(module, []).append(ModuleCall(args, kwargs, inputs, [leaves[q] for q in index], index))
         return replaced
 
     def stale_modules(self, modules: list[nn.Module]) -> list[nn.Module]:
@@ -135,10 +139,9 @@ def params_reached_outside(f: Tensor, regions: list[ModuleCall]) -> set[int]:
     """
     jump: dict[Any, list[Tensor]] = {}
     for call in regions:
-        inputs = _tensors((call.args, call.kwargs))
         for z in call.outputs:
             if z.grad_fn is not None:
-                jump.setdefault(z.grad_fn, []).extend(inputs)
+                jump.setdefault(z.grad_fn, []).extend(call.inputs)
     reached: set[int] = set()
     seen: set[Any] = set()
     stack = [f.grad_fn]

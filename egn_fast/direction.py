@@ -11,6 +11,7 @@ capture. `direction` and `direction_with_info` do all of it.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,7 +23,6 @@ from .capture import Capture, ModuleCall, output_grads, params_reached_outside
 from .layers import Factors, RuleContext, generic_factors, merge_shared, rule_for
 from .losses import Loss, LossHead, resolve_loss
 from .ops import Backend, get_backend
-from .ops.torch_backend import symmetrize
 from .solve import EigenSolver, damped_solve
 
 __all__ = ["RowSpaceSystem", "Solution", "DirectionResult", "build_system", "direction", "direction_with_info"]
@@ -112,13 +112,22 @@ class RowSpaceSystem:
         return [out[id(p)].to(p.dtype) if id(p) in out else torch.zeros_like(p) for p in self.params]
 
 
-def _check_model(model: nn.Module) -> list[nn.Parameter]:
+def _check_model(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """The trainable parameters (model.parameters() order), the modules that contain any (the
+    ones to hook, tied holders included), and the checks that must pass before the model runs."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"model {type(model).__name__} has no trainable parameters (requires_grad=True)")
-    for name, m in model.named_modules():
+    modules = list(model.named_modules())  # one traversal serves everything below
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    holders: set[str] = set()
+    for name, m in modules:
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                holders.add(name)
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
             raise ValueError(
                 f"module {name or type(model).__name__!r} ({type(m).__name__}) normalizes with batch "
@@ -130,7 +139,10 @@ def _check_model(model: nn.Module) -> list[nn.Parameter]:
                 f"module {name!r} (Embedding with max_norm) rescales its weight in place during "
                 "forward; egn_fast leaves the model untouched, so max_norm is not supported"
             )
-    return params
+    if not params:
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters (requires_grad=True)")
+    prefixes = {h[:i] for h in holders for i in [len(h)] + [j for j, ch in enumerate(h) if ch == "."]}
+    return params, [m for name, m in modules if not name or name in prefixes]
 
 
 def _check_inputs(inputs: Inputs, device: torch.device) -> None:
@@ -156,6 +168,18 @@ class _Plan:
 
     def modules(self) -> list[nn.Module]:
         return [m for _, m, _ in self.specific] + [m for _, m, _ in self.generic]
+
+
+# Plans per model, keyed by which modules were called how often: the graph walk runs once.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
+
+
+def _plan_for(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> _Plan:
+    key = (tuple((id(m), len(c)) for m, c in capture.calls.items()), tuple(sorted(trainable)))
+    cache = _PLANS.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _make_plan(model, capture, f, trainable)
+    return cache[key]
 
 
 def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> _Plan:
@@ -221,7 +245,7 @@ def build_system(
     seq_method: "auto" (cost model per layer) | "ghost" | "per_sample" for sequence layers.
     The model's parameters, buffers and .grad fields are left untouched.
     """
-    params = _check_model(model)
+    params, hooked = _check_model(model)
     loss_fn = resolve_loss(loss)
     device = params[0].device
     if any(p.device != device for p in params):
@@ -232,7 +256,6 @@ def build_system(
     _check_inputs(inputs, device)
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     trainable = {id(p) for p in params}
-    hooked = [m for m in model.modules() if any(p.requires_grad for p in m.parameters())]
     clock: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -249,7 +272,7 @@ def build_system(
             raise ValueError("the model's outputs contain non-finite values (nan/inf)")
         if not f_flat.requires_grad:
             raise ValueError("the model's outputs do not depend on any trainable parameter")
-        plan = _make_plan(model, capture, out, trainable)
+        plan = _plan_for(model, capture, out, trainable)
         # A model that edits a recorded tensor in place (ReLU(inplace=True) after a layer, x += …)
         # would corrupt our factors: remember those modules and capture again with copies.
         if not capture.stale_modules(plan.modules()):
@@ -277,7 +300,8 @@ def build_system(
     t0 = time.perf_counter()
     with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
         K, factors = _gram(plan, capture, b, s, acc_dtype, seq_method, ops, device)
-    if not torch.isfinite(K).all():
+    # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
+    if not torch.isfinite(K.diagonal().sum()):
         raise ValueError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
     _sync(device)
     clock["gram"] = time.perf_counter() - t0
@@ -303,7 +327,7 @@ def _gram(
     K = torch.zeros(b * s, b * s, dtype=acc_dtype, device=device)
     for f in factors:
         f.add_gram(K, ops)
-    return symmetrize(K), factors
+    return K, factors
 
 
 @dataclass

@@ -68,13 +68,14 @@ class Factors:
 
 @lru_cache(maxsize=4096)
 def choose_seq_method(b: int, s: int, T: int, n_in: int, n_out: int) -> str:
-    """"ghost" or "per_sample" for a layer applied at T positions, by multiply-add count.
+    """"ghost" or "per_sample" for a layer applied at T positions, by multiply-add count
+    (both are GEMM-bound; memory decides only when per-sample gradients would not fit).
 
-    ghost:      b²T²·in + b²·s·T²·out + m²·T·out   (no per-sample gradient stored)
-    per_sample: m·T·out·in + m²·out·in             (stores m·out·in numbers)
+    ghost:      m²T²·out + b²T²·in     (no per-sample gradient stored)
+    per_sample: m·T·out·in + m²·out·in (stores m·out·in numbers)
     """
     m = b * s
-    ghost = b * b * T * T * n_in + b * b * s * T * T * n_out + m * m * T * n_out
+    ghost = m * m * T * T * n_out + b * b * T * T * n_in
     per_sample = m * T * n_out * n_in + m * m * n_out * n_in
     if m * n_out * n_in > _PER_SAMPLE_MAX_ELEMENTS:
         return "ghost"
@@ -119,10 +120,9 @@ class SeqFactors(Factors):
             elif method == "ghost":
                 backend.gram_seq(K, A, G, has_bias)
             elif method == "per_sample":
-                P = per_sample_seq(A, G, K.dtype).flatten(2)
-                if has_bias:
-                    P = torch.cat([P, G.to(K.dtype).sum(2)], 2)
-                backend.gram_per_sample(K, P)
+                backend.gram_per_sample(K, per_sample_seq(A, G, K.dtype).flatten(2))
+                if has_bias:  # a Gram of its own: cheaper than concatenating to P
+                    backend.gram_per_sample(K, G.sum(2))
             else:
                 raise ValueError(f"unknown sequence method {method!r}; expected 'auto', 'ghost' or 'per_sample'")
 
@@ -130,19 +130,19 @@ class SeqFactors(Factors):
         parts = [backend.backproject(A, G, u, self.bias is not None) for A, G in self.groups]
         out = []
         if self.weight is not None:
-            out.append(torch.cat([dW for dW, _ in parts], 0).view(self.weight.shape))
+            out.append(_cat([dW for dW, _ in parts], 0).view(self.weight.shape))
         if self.bias is not None:
-            out.append(torch.cat([db for _, db in parts], 0))
+            out.append(_cat([db for _, db in parts], 0))
         return out
 
     def per_sample_grads(self, dtype: torch.dtype) -> list[Tensor]:
         b, s = self.groups[0][1].shape[:2]
         out = []
         if self.weight is not None:
-            P = torch.cat([per_sample_seq(A, G, dtype).flatten(3) for A, G in self.groups], 2)
+            P = _cat([per_sample_seq(A, G, dtype).flatten(3) for A, G in self.groups], 2)
             out.append(P.view(b, s, *self.weight.shape))
         if self.bias is not None:
-            out.append(torch.cat([G.to(dtype).sum(2) for _, G in self.groups], 2))
+            out.append(_cat([G.to(dtype).sum(2) for _, G in self.groups], 2))
         return out
 
 
@@ -173,7 +173,7 @@ class PerSampleFactors(Factors):
         self.params, self.P = params, P
 
     def add_gram(self, K: Tensor, backend: Backend) -> None:
-        backend.gram_per_sample(K, torch.cat([P.to(K.dtype).flatten(2) for P in self.P], 2))
+        backend.gram_per_sample(K, _cat([P.to(K.dtype).flatten(2) for P in self.P], 2))
 
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
         return [torch.tensordot(u, P.to(u.dtype), dims=2) for P in self.P]
@@ -194,6 +194,11 @@ class RuleContext:
     s: int  # cotangent columns per sample
     dtype: torch.dtype  # accumulation dtype of the Gram (fp32 or fp64)
     seq_method: str = "auto"  # "auto" | "ghost" | "per_sample" for sequence layers
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """torch.cat that does not copy a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _trainable(p: nn.Parameter | None) -> nn.Parameter | None:
@@ -226,7 +231,7 @@ def linear_factors(module: nn.Linear, calls: list[ModuleCall], ctx: RuleContext)
         G_parts.append(G.reshape(ctx.b, ctx.s, -1, G.shape[-1]))
     if not A_parts:
         return None
-    A, G = torch.cat(A_parts, 1), torch.cat(G_parts, 2)
+    A, G = _cat(A_parts, 1), _cat(G_parts, 2)
     return SeqFactors(_trainable(module.weight), _trainable(module.bias), [(A, G)], ctx.seq_method)
 
 
@@ -254,7 +259,7 @@ def conv_factors(module: nn.Conv1d | nn.Conv2d, calls: list[ModuleCall], ctx: Ru
         G_parts.append(G.flatten(3).transpose(2, 3))  # (b, s, out, T) -> (b, s, T, out)
     if not A_parts:
         return None
-    A, G = torch.cat(A_parts, 1), torch.cat(G_parts, 2)
+    A, G = _cat(A_parts, 1), _cat(G_parts, 2)
     g = module.groups
     n_in, n_out = A.shape[2] // g, G.shape[3] // g
     groups = [(A[:, :, i * n_in : (i + 1) * n_in], G[..., i * n_out : (i + 1) * n_out]) for i in range(g)]
@@ -274,7 +279,7 @@ def embedding_factors(module: nn.Embedding, calls: list[ModuleCall], ctx: RuleCo
         G_parts.append(G)
     if not tok_parts:
         return None
-    return EmbeddingFactors(module.weight, torch.cat(tok_parts, 1), torch.cat(G_parts, 2))
+    return EmbeddingFactors(module.weight, _cat(tok_parts, 1), _cat(G_parts, 2))
 
 
 def _norm_factors(module: nn.Module, calls: list[ModuleCall], ctx: RuleContext, normalize: Callable[[Tensor], Tensor], channel_dim: int) -> PerSampleFactors | None:

@@ -160,17 +160,16 @@ class CrossEntropyLoss(Loss):
             if not self.reduced:
                 S = torch.diag_embed(sqrt_p) - p[:, :, None] * sqrt_p[:, None, :]
                 return LossHead(per_sample, r, S, w_full)
-            # Householder H = I − v vᵀ/(1+√p_j), v = √p + e_j: H√p = −e_j, H symmetric orthogonal.
-            j = p.argmax(1)
-            e_j = torch.nn.functional.one_hot(j, c).to(p.dtype)
-            v = sqrt_p + e_j
-            scale = 1.0 / (1.0 + sqrt_p.gather(1, j[:, None]))  # vᵀv = 2(1 + √p_j)
-            H = torch.eye(c, dtype=p.dtype, device=p.device) - scale[:, :, None] * v[:, :, None] * v[:, None, :]
-            keep = torch.arange(c, device=p.device).expand(b, c)
-            keep = keep[keep != j[:, None]].view(b, c - 1)  # every column but j
-            U = H.gather(2, keep[:, None, :].expand(b, c, c - 1))  # (b, c, c−1), orthonormal ⊥ √p
-            S = sqrt_p[:, :, None] * U
-            w = torch.bmm(U.transpose(1, 2), w_full[:, :, None]).squeeze(2)
+            # Householder H = I − v vᵀ/(1+√p_j), v = √p + e_j: H√p = −e_j, H symmetric orthogonal;
+            # U = H without column j. S' = diag(√p) U, w' = Uᵀ w = (H w)[keep], no c×c GEMMs.
+            j = p.argmax(1, keepdim=True)  # (b, 1)
+            v = sqrt_p.scatter_add(1, j, torch.ones_like(logp_y))
+            coef = v / (1.0 + sqrt_p.gather(1, j))  # H = I − v coefᵀ
+            cols = torch.arange(c - 1, device=p.device).expand(b, c - 1)
+            keep = cols + (cols >= j).long()  # (b, c−1): every column but j
+            S = (sqrt_p * v).unsqueeze(2) * coef.gather(1, keep).neg().unsqueeze(1)
+            S.scatter_add_(1, keep.unsqueeze(1), sqrt_p.gather(1, keep).unsqueeze(1))  # + diag(√p)[:, keep]
+            w = w_full.gather(1, keep) - v.gather(1, keep) * (coef * w_full).sum(1, keepdim=True)
             return LossHead(per_sample, r, S, w)
 
 

@@ -4,8 +4,8 @@ Shapes (rows are sample-major: row i·s + k belongs to sample i and cotangent co
     A  (b, in)          dense layer input               A  (b, T, in)     sequence layer input
     G  (b, s, out)      dense output-gradients          G  (b, s, T, out) sequence output-gradients
     P  (b, s, n)        per-sample gradient rows (n = number of parameters of the layer)
-    K  (m, m)           Gram, m = b·s; ops add into its lower triangle (the strict upper triangle
-                        is scratch: `symmetrize_` mirrors the lower one when all layers are in)
+    K  (m, m)           Gram, m = b·s; ops add their (symmetric) contribution to all of K but
+                        compute only its lower triangle, strip by strip
     u  (b, s)           row-space coefficients of a back-projection J̃ᵀu
 
 Factors may be bf16/fp16; every op computes in K's dtype (fp32 or fp64).
@@ -20,8 +20,8 @@ from torch import Tensor
 
 # Largest temporary an op may allocate, in elements (64 MiB of fp32).
 _TEMP_ELEMENTS = 1 << 24
-# Row strips this tall (or taller, to fit a whole sample) tile the lower triangle; a Gram with
-# at most this many rows is one GEMM.
+# Row strips at most this tall tile the lower triangle of K (only it is computed; each strip's
+# off-diagonal part is mirrored into the upper triangle).
 _STRIP_ROWS = 1024
 
 
@@ -35,14 +35,21 @@ def _strips(b: int, s: int, elems_per_sample_pair: int) -> Iterator[tuple[int, i
         yield i0, min(b, i0 + per_strip)
 
 
+def _add_strip(K: Tensor, blk: Tensor, r0: int, r1: int) -> None:
+    """K[r0:r1, :r1] += blk, and mirror its part left of the diagonal block into K[:r0, r0:r1]."""
+    K[r0:r1, :r1] += blk
+    if r0:
+        K[:r0, r0:r1] += blk[:, :r0].T
+
+
 def _row_gram(K: Tensor, X: Tensor, weights: Tensor | None, s: int) -> None:
-    """K[lower] += (X Xᵀ) ∘ (weights ⊗ 1_{s×s}) for X (m, n) and weights (b, b) or None."""
+    """K += (X Xᵀ) ∘ (weights ⊗ 1_{s×s}) for X (m, n) and weights (b, b) or None."""
     b = X.shape[0] // s
     for i0, i1 in _strips(b, s, s * s):
         blk = X[i0 * s : i1 * s] @ X[: i1 * s].T  # (bi·s, i1·s)
         if weights is not None:
-            blk = blk.view(i1 - i0, s, i1, s).mul_(weights[i0:i1, None, :i1, None]).view_as(blk)
-        K[i0 * s : i1 * s, : i1 * s] += blk
+            blk.view(i1 - i0, s, i1, s).mul_(weights[i0:i1, None, :i1, None])
+        _add_strip(K, blk, i0 * s, i1 * s)
 
 
 def gram_dense(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
@@ -59,20 +66,19 @@ def gram_dense(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
 
 
 def _ghost(K: Tensor, G: Tensor, input_kernel: Callable[[int, int, int], Tensor]) -> None:
-    """K[(i,k),(j,l)] += Σ_{t,t'} (G_ik,t · G_jl,t') · M_ij[t, t'] without any (m·T)² temporary.
+    """K[(i,k),(j,l)] += Σ_{t,t'} (G_ik,t · G_jl,t') · M_ij[t, t'], strip by strip.
 
-    G: (b, s, T, out); input_kernel(i0, i1, j1) -> M (i1−i0, j1, T, T), the input-side kernel
-    (a_i,t · a_j,t' for a linear layer). Contracted as K_ij = G_i · (M_ij G_j): cost
-    b²·s·T²·out + m²·T·out instead of m²·T²·out.
+    G: (b, s, T, out); input_kernel(i0, i1, j1) -> M (i1−i0, T, j1, T), the input-side kernel
+    (a_i,t · a_j,t' for a linear layer). Per strip: one GEMM for all (G_ik,t · G_jl,t'), then
+    the product with M and the sum over t, t'. Cost m²T²·out + b²T²·in, one (strip·T)×(m·T)
+    temporary.
     """
     b, s, T, out = G.shape
-    G = G.to(K.dtype)
-    Gt = G.permute(0, 2, 1, 3).reshape(b, T, s * out)  # (b, T, s·out)
-    for i0, i1 in _strips(b, s, T * T + T * s * out):
-        M = input_kernel(i0, i1, i1)  # (bi, bj, T, T)
-        Y = torch.matmul(M, Gt[:i1].unsqueeze(0)).view(i1 - i0, i1, T, s, out)
-        blk = torch.einsum("ikto,ijtlo->ikjl", G[i0:i1], Y)
-        K[i0 * s : i1 * s, : i1 * s] += blk.reshape((i1 - i0) * s, i1 * s)
+    X = G.to(K.dtype).reshape(b * s * T, out)
+    for i0, i1 in _strips(b, s, s * s * T * T):
+        GG = X[i0 * s * T : i1 * s * T] @ X[: i1 * s * T].T  # (bi·s·T, i1·s·T)
+        GG = GG.view(i1 - i0, s, T, i1, s, T).mul_(input_kernel(i0, i1, i1)[:, None, :, :, None, :])
+        _add_strip(K, GG.sum((2, 5)).view((i1 - i0) * s, i1 * s), i0 * s, i1 * s)
 
 
 def gram_seq(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
@@ -81,12 +87,10 @@ def gram_seq(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
     A: (b, T, in), G: (b, s, T, out). With a bias, adds (Σ_t G)(Σ_t G)ᵀ.
     """
     b, T, n_in = A.shape
-    A = A.to(K.dtype)
-    A_flat = A.reshape(b * T, n_in)
+    A_flat = A.to(K.dtype).reshape(b * T, n_in)
 
     def input_kernel(i0: int, i1: int, j1: int) -> Tensor:
-        M = A_flat[i0 * T : i1 * T] @ A_flat[: j1 * T].T
-        return M.view(i1 - i0, T, j1, T).transpose(1, 2)
+        return (A_flat[i0 * T : i1 * T] @ A_flat[: j1 * T].T).view(i1 - i0, T, j1, T)
 
     _ghost(K, G, input_kernel)
     if bias:
@@ -100,8 +104,7 @@ def gram_embedding(K: Tensor, tokens: Tensor, G: Tensor) -> None:
     """
 
     def input_kernel(i0: int, i1: int, j1: int) -> Tensor:
-        eq = tokens[i0:i1, None, :, None] == tokens[None, :j1, None, :]
-        return eq.to(K.dtype)
+        return (tokens[i0:i1, :, None, None] == tokens[None, None, :j1, :]).to(K.dtype)
 
     _ghost(K, G, input_kernel)
 
@@ -151,10 +154,6 @@ def cholesky_solve(A: Tensor, B: Tensor) -> tuple[Tensor | None, int]:
     info = int(info)
     if info:
         return None, info
-    return torch.cholesky_solve(B, L), 0
-
-
-def symmetrize(K: Tensor) -> Tensor:
-    """The symmetric matrix whose lower triangle is K's."""
-    L = K.tril()
-    return L.add_(L.tril(-1).mT)
+    # two triangular solves: torch.cholesky_solve copies L through tril first (slower on CPU)
+    Y = torch.linalg.solve_triangular(L, B, upper=False)
+    return torch.linalg.solve_triangular(L.mT, Y, upper=True), 0
