@@ -17,6 +17,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/step_time.py --reuse-cpu-memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info

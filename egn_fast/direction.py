@@ -177,9 +177,11 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Plan]]" = weakref.Wea
 def _plan_for(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> _Plan:
     key = (tuple((id(m), len(c)) for m, c in capture.calls.items()), tuple(sorted(trainable)))
     cache = _PLANS.setdefault(model, {})
-    if key not in cache:
-        cache[key] = _make_plan(model, capture, f, trainable)
-    return cache[key]
+    plan = cache.get(key)
+    # ids can be reused by a module that replaced a freed one: the plan must name these modules
+    if plan is None or not all(m in capture.calls for m in plan.modules()):
+        plan = cache[key] = _make_plan(model, capture, f, trainable)
+    return plan
 
 
 def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> _Plan:
