@@ -50,15 +50,16 @@ def test_sequence_methods_forced(kind, method):
 
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("kind", ["mlp", "seq_linear", "conv2d", "norms", "embedding"])
-def test_float32_within_1e_4(kind, loss):
-    seed = seed_of(kind, loss, "f32")
+@pytest.mark.parametrize("damping", [1e-3, 1.0])
+def test_float32_within_1e_4(kind, loss, damping):
+    seed = seed_of(kind, loss, damping, "f32")
     model, x = make(kind, True, seed)
     y = targets(loss, seed=seed)
-    want = dense_direction(model, x, y, resolve_loss(loss), 1.0)  # float64 oracle, same weights
+    want = dense_direction(model, x, y, resolve_loss(loss), damping)  # float64 oracle, same weights
     model = model.float()
     x32 = x.float() if x.is_floating_point() else x
     y32 = y.float() if y.is_floating_point() else y
-    d = egn_fast.direction(model, x32, y32, loss=loss, damping=1.0)
+    d = egn_fast.direction(model, x32, y32, loss=loss, damping=damping)
     assert all(t.dtype == torch.float32 for t in d)
     assert rel_err(d, want) < 1e-4
 
