@@ -57,14 +57,13 @@ class ModuleCall:
 class Capture:
     """Context manager: forward hooks on `modules` that record their calls in `self.calls`.
 
-    Set `active = False` to run modules without recording (the generic rule re-runs modules
-    under torch.func).
+    The hooks are removed on exit, so later re-runs of a module (the generic rule's torch.func
+    calls) record nothing.
     """
 
     def __init__(self, modules: list[nn.Module]):
         self.modules = modules
         self.calls: dict[nn.Module, list[ModuleCall]] = {}
-        self.active = True
         self._handles: list[Any] = []
 
     def __enter__(self) -> "Capture":
@@ -78,8 +77,6 @@ class Capture:
         self._handles.clear()
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.active:
-            return None
         if isinstance(output, Tensor):
             leaves, spec = [output], None
         else:

@@ -321,7 +321,7 @@ def _gram(
         if f is not None:
             factors.append(f)
     for name, m, ps in plan.generic:
-        f = generic_factors(m, capture.calls[m], RuleContext(name, b, s, acc_dtype, seq_method), ps, capture)
+        f = generic_factors(m, capture.calls[m], RuleContext(name, b, s, acc_dtype, seq_method), ps)
         if f is not None:
             factors.append(f)
     capture.calls.clear()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .capture import Capture, ModuleCall
+from .capture import ModuleCall
 from .ops import Backend
 from .ops.torch_backend import per_sample_seq
 
@@ -365,7 +365,6 @@ def generic_factors(
     calls: list[ModuleCall],
     ctx: RuleContext,
     params: dict[str, nn.Parameter],
-    capture: Capture,
 ) -> PerSampleFactors | None:
     """Per-sample gradients of `module`'s outputs w.r.t. `params` (names relative to `module`),
     contracted with the recorded output-gradients: P_ik = Σ_calls ∂(G_ik · z_i)/∂θ, by torch.func
@@ -398,7 +397,6 @@ def generic_factors(
             _, vjp_fn = torch.func.vjp(outputs, theta)
             return torch.func.vmap(vjp_fn)(cot_i)[0]
 
-        capture.active = False
         try:
             grads = torch.func.vmap(one_sample)(tuple(leaves[q] for q in batched), cot)
         except RuntimeError as err:
@@ -409,8 +407,6 @@ def generic_factors(
                     "in eval mode or remove the randomness"
                 ) from err
             raise
-        finally:
-            capture.active = True
         for n, g in grads.items():
             total[n] = total[n] + g if n in total else g
     if not total:
