@@ -136,7 +136,7 @@ class CrossEntropyLoss(Loss):
             )
         if c < 2:
             raise ValueError(f"cross_entropy needs at least 2 classes, outputs have {c}")
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = (int(v) for v in torch.aminmax(targets))
         if lo < 0 or hi >= c:
             raise ValueError(f"cross_entropy: class index {lo if lo < 0 else hi} out of range [0, {c})")
         return targets.long()

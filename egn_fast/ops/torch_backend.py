@@ -22,7 +22,7 @@ from torch import Tensor
 _TEMP_ELEMENTS = 1 << 24
 # Row strips at most this tall tile the lower triangle of K (only it is computed; each strip's
 # off-diagonal part is mirrored into the upper triangle).
-_STRIP_ROWS = 1024
+_STRIP_ROWS = 256
 
 
 def _strips(b: int, s: int, elems_per_sample_pair: int) -> Iterator[tuple[int, int]]:
@@ -47,9 +47,13 @@ def _row_gram(K: Tensor, X: Tensor, weights: Tensor | None, s: int) -> None:
     b = X.shape[0] // s
     for i0, i1 in _strips(b, s, s * s):
         blk = X[i0 * s : i1 * s] @ X[: i1 * s].T  # (bi·s, i1·s)
-        if weights is not None:
+        if weights is None:
+            _add_strip(K, blk, i0 * s, i1 * s)
+        elif i0 == 0:  # nothing to mirror: weight and add in one pass
+            K[: i1 * s, : i1 * s].view(i1, s, i1, s).addcmul_(blk.view(i1, s, i1, s), weights[:i1, None, :i1, None])
+        else:
             blk.view(i1 - i0, s, i1, s).mul_(weights[i0:i1, None, :i1, None])
-        _add_strip(K, blk, i0 * s, i1 * s)
+            _add_strip(K, blk, i0 * s, i1 * s)
 
 
 def gram_dense(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
