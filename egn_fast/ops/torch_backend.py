@@ -69,11 +69,11 @@ def gram_dense(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
     _row_gram(K, G.reshape(b * s, out).to(K.dtype), AA, s)
 
 
-def _ghost(K: Tensor, G: Tensor, input_kernel: Callable[[int, int, int], Tensor]) -> None:
+def _ghost(K: Tensor, G: Tensor, input_kernel: Callable[[int, int], Tensor]) -> None:
     """K[(i,k),(j,l)] += Σ_{t,t'} (G_ik,t · G_jl,t') · M_ij[t, t'], strip by strip.
 
-    G: (b, s, T, out); input_kernel(i0, i1, j1) -> M (i1−i0, T, j1, T), the input-side kernel
-    (a_i,t · a_j,t' for a linear layer). Per strip: one GEMM for all (G_ik,t · G_jl,t'), then
+    G: (b, s, T, out); input_kernel(i0, i1) -> M (i1−i0, T, i1, T), the input-side kernel of
+    samples [i0, i1) against samples [0, i1) (a_i,t · a_j,t' for a linear layer). Per strip: one GEMM for all (G_ik,t · G_jl,t'), then
     the product with M and the sum over t, t'. Cost m²T²·out + b²T²·in, one (strip·T)×(m·T)
     temporary.
     """
@@ -81,7 +81,7 @@ def _ghost(K: Tensor, G: Tensor, input_kernel: Callable[[int, int, int], Tensor]
     X = G.to(K.dtype).reshape(b * s * T, out)
     for i0, i1 in _strips(b, s, s * s * T * T):
         GG = X[i0 * s * T : i1 * s * T] @ X[: i1 * s * T].T  # (bi·s·T, i1·s·T)
-        GG = GG.view(i1 - i0, s, T, i1, s, T).mul_(input_kernel(i0, i1, i1)[:, None, :, :, None, :])
+        GG = GG.view(i1 - i0, s, T, i1, s, T).mul_(input_kernel(i0, i1)[:, None, :, :, None, :])
         _add_strip(K, GG.sum((2, 5)).view((i1 - i0) * s, i1 * s), i0 * s, i1 * s)
 
 
@@ -93,8 +93,8 @@ def gram_seq(K: Tensor, A: Tensor, G: Tensor, bias: bool) -> None:
     b, T, n_in = A.shape
     A_flat = A.to(K.dtype).reshape(b * T, n_in)
 
-    def input_kernel(i0: int, i1: int, j1: int) -> Tensor:
-        return (A_flat[i0 * T : i1 * T] @ A_flat[: j1 * T].T).view(i1 - i0, T, j1, T)
+    def input_kernel(i0: int, i1: int) -> Tensor:
+        return (A_flat[i0 * T : i1 * T] @ A_flat[: i1 * T].T).view(i1 - i0, T, i1, T)
 
     _ghost(K, G, input_kernel)
     if bias:
@@ -107,8 +107,8 @@ def gram_embedding(K: Tensor, tokens: Tensor, G: Tensor) -> None:
     tokens: (b, T) integer, G: (b, s, T, dim) (rows of padding tokens already zeroed).
     """
 
-    def input_kernel(i0: int, i1: int, j1: int) -> Tensor:
-        return (tokens[i0:i1, :, None, None] == tokens[None, None, :j1, :]).to(K.dtype)
+    def input_kernel(i0: int, i1: int) -> Tensor:
+        return (tokens[i0:i1, :, None, None] == tokens[None, None, :i1, :]).to(K.dtype)
 
     _ghost(K, G, input_kernel)
 
