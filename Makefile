@@ -1,9 +1,10 @@
-# `make test` does all set-up on a fresh machine: .venv, pinned dependencies, the package, pytest.
+# `make demo` and `make test` do all set-up on a fresh machine: .venv, pinned dependencies, the
+# package; then the demo (EGN vs Adam vs SGD on scikit-learn's bundled data) or pytest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench clean
+.PHONY: test demo bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +15,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml setup.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/egn-fast demo
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py

@@ -25,9 +25,21 @@ from .losses import Loss, LossHead, resolve_loss
 from .ops import Backend, get_backend
 from .solve import EigenSolver, damped_solve
 
-__all__ = ["RowSpaceSystem", "Solution", "DirectionResult", "build_system", "direction", "direction_with_info"]
+__all__ = [
+    "RowSpaceSystem",
+    "Solution",
+    "DirectionResult",
+    "NonFiniteError",
+    "build_system",
+    "direction",
+    "direction_with_info",
+]
 
 Inputs = Tensor | tuple | list | dict
+
+
+class NonFiniteError(ValueError):
+    """The model's outputs, the loss or the Gram hold nan/inf at the current parameters."""
 
 
 @dataclass
@@ -112,9 +124,10 @@ class RowSpaceSystem:
         return [out[id(p)].to(p.dtype) if id(p) in out else torch.zeros_like(p) for p in self.params]
 
 
-def _check_model(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]:
-    """The trainable parameters (model.parameters() order), the modules that contain any (the
-    ones to hook, tied holders included), and the checks that must pass before the model runs."""
+def _check_model(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """The trainable parameters (model.parameters() order; restricted to the ids in `only` when
+    given), the modules that contain any (the ones to hook, tied holders included), and the checks
+    that must pass before the model runs."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = list(model.named_modules())  # one traversal serves everything below
@@ -123,7 +136,7 @@ def _check_model(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]
     holders: set[str] = set()
     for name, m in modules:
         for p in m._parameters.values():
-            if p is not None and p.requires_grad:
+            if p is not None and p.requires_grad and (only is None or id(p) in only):
                 holders.add(name)
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -139,6 +152,10 @@ def _check_model(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]
                 f"module {name!r} (Embedding with max_norm) rescales its weight in place during "
                 "forward; egn_fast leaves the model untouched, so max_norm is not supported"
             )
+    if only is not None:
+        missing = only - {id(p) for _, m in modules for p in m._parameters.values() if p is not None}
+        if missing:
+            raise ValueError(f"{len(missing)} of the given parameters are not parameters of the model")
     if not params:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters (requires_grad=True)")
     prefixes = {h[:i] for h in holders for i in [len(h)] + [j for j, ch in enumerate(h) if ch == "."]}
@@ -230,11 +247,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+Closure = Callable[[], tuple[Tensor, Tensor]]
+
+
+def forward_of(model: nn.Module, inputs: Inputs | None, targets: Tensor | None, closure: Closure | None) -> Closure:
+    """One way to run the model: `closure() -> (outputs, targets)`, or (inputs, targets) wrapped as one."""
+    if closure is not None:
+        if inputs is not None or targets is not None:
+            raise ValueError("pass either (inputs, targets) or closure=, not both")
+
+        def checked() -> tuple[Tensor, Tensor]:
+            res = closure()
+            if not (isinstance(res, (tuple, list)) and len(res) == 2):
+                raise ValueError(f"closure() must return (outputs, targets), got {type(res).__name__}")
+            return res[0], res[1]
+
+        return checked
+    if inputs is None or targets is None:
+        raise ValueError("pass (inputs, targets), or closure= returning (outputs, targets)")
+    return lambda: (_call_model(model, inputs), targets)
+
+
 def build_system(
     model: nn.Module,
-    inputs: Inputs,
-    targets: Tensor,
+    inputs: Inputs | None = None,
+    targets: Tensor | None = None,
     *,
+    closure: Closure | None = None,
+    params: list[nn.Parameter] | None = None,
     loss: str | Loss | Callable[[Tensor, Tensor], Tensor] = "mse",
     backend: str = "auto",
     seq_method: str = "auto",
@@ -244,10 +284,14 @@ def build_system(
 
     inputs: a tensor, a tuple (positional arguments) or a dict (keyword arguments); the model's
     output is (b, …), flattened to (b, c). targets as the loss expects (see `egn_fast.losses`).
+    Instead of (inputs, targets), `closure()` may run the model itself and return (outputs, targets).
+    params: the parameters J is taken with respect to (default: all with requires_grad); the rest
+    of the model is held fixed.
     seq_method: "auto" (cost model per layer) | "ghost" | "per_sample" for sequence layers.
     The model's parameters, buffers and .grad fields are left untouched.
     """
-    params, hooked = _check_model(model)
+    forward = forward_of(model, inputs, targets, closure)
+    params, hooked = _check_model(model, None if params is None else {id(p) for p in params})
     loss_fn = resolve_loss(loss)
     device = params[0].device
     if any(p.device != device for p in params):
@@ -255,7 +299,8 @@ def build_system(
     ops = get_backend(backend, device)
     if seq_method not in ("auto", "ghost", "per_sample"):
         raise ValueError(f"unknown seq_method {seq_method!r}; expected 'auto', 'ghost' or 'per_sample'")
-    _check_inputs(inputs, device)
+    if inputs is not None:
+        _check_inputs(inputs, device)
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     trainable = {id(p) for p in params}
     clock: dict[str, float] = {}
@@ -263,15 +308,16 @@ def build_system(
 
     for attempt in range(2):
         with torch.enable_grad(), Capture(hooked) as capture:
-            out = _call_model(model, inputs)
+            out, targets = forward()
+            # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
+            f_flat = out.reshape(out.shape[0], -1) if isinstance(out, Tensor) and out.dim() else out
         if not isinstance(out, Tensor):
             raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
         if out.dim() == 0:
             raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
         b = out.shape[0]
-        f_flat = out.reshape(b, -1)
         if not torch.isfinite(f_flat).all():
-            raise ValueError("the model's outputs contain non-finite values (nan/inf)")
+            raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
         if not f_flat.requires_grad:
             raise ValueError("the model's outputs do not depend on any trainable parameter")
         plan = _plan_for(model, capture, out, trainable)
@@ -288,7 +334,7 @@ def build_system(
     targets = loss_fn.check_targets(f_flat, targets)
     head = loss_fn.head(f_flat.detach(), targets)
     if not torch.isfinite(head.per_sample).all():
-        raise ValueError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
+        raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
     s = head.S.shape[2]
     clock["loss_head"] = time.perf_counter() - t0
 
@@ -304,7 +350,7 @@ def build_system(
         K, factors = _gram(plan, capture, b, s, acc_dtype, seq_method, ops, device)
     # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
     if not torch.isfinite(K.diagonal().sum()):
-        raise ValueError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
+        raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
     _sync(device)
     clock["gram"] = time.perf_counter() - t0
     w = head.w.reshape(-1).to(acc_dtype)

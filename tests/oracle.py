@@ -6,12 +6,9 @@ import torch
 from torch import Tensor, nn
 
 
-def dense_direction(model: nn.Module, inputs, targets: Tensor, loss, damping: float) -> list[Tensor]:
-    """d = −(H + λI)⁻¹g with H = (1/b)JᵀQJ, g = (1/b)Jᵀr, by materializing J (b·c × d) in float64.
-
-    `loss` is an egn_fast Loss; Q_i comes from its factor (Q = S Sᵀ) and r from its residual,
-    both also checked here against autograd of the loss's own per-sample value.
-    """
+def dense_gradient_and_gn(model: nn.Module, inputs, targets: Tensor, loss) -> tuple[Tensor, Tensor]:
+    """g = (1/b)Jᵀr and H = (1/b)JᵀQJ (flat, float64, trainable parameters in model order), by
+    materializing J (b·c × d); r and Q by autograd of `loss.per_sample` (an egn_fast Loss)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach().double() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().double() for n, p in model.named_parameters() if not p.requires_grad}
@@ -39,16 +36,26 @@ def dense_direction(model: nn.Module, inputs, targets: Tensor, loss, damping: fl
     Qbig = torch.block_diag(*Q)
     g = J.T @ r.reshape(-1) / b
     H = J.T @ Qbig @ J / b
-    d = -torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), g)
-    outs, i = [], 0
-    for n in names:
-        p = dict(model.named_parameters())[n]
-        outs.append(d[i : i + p.numel()].view(p.shape))
-        i += p.numel()
-    return outs
+    return g, H
+
+
+def flat(xs: list[Tensor]) -> Tensor:
+    """Concatenate tensors shaped like the parameters into one float64 vector."""
+    return torch.cat([x.double().reshape(-1) for x in xs])
+
+
+def unflat(model: nn.Module, v: Tensor) -> list[Tensor]:
+    """Split a flat vector into tensors shaped like the model's trainable parameters."""
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    return [x.view(shape) for x, shape in zip(v.split([s.numel() for s in shapes]), shapes)]
+
+
+def dense_direction(model: nn.Module, inputs, targets: Tensor, loss, damping: float) -> list[Tensor]:
+    """d = −(H + λI)⁻¹g with H = (1/b)JᵀQJ, g = (1/b)Jᵀr, by materializing J (b·c × d) in float64."""
+    g, H = dense_gradient_and_gn(model, inputs, targets, loss)
+    return unflat(model, -torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), g))
 
 
 def rel_err(got: list[Tensor], want: list[Tensor]) -> float:
-    g = torch.cat([x.double().reshape(-1) for x in got])
-    w = torch.cat([x.double().reshape(-1) for x in want])
+    g, w = flat(got), flat(want)
     return float((g - w).norm() / w.norm())

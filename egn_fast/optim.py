@@ -1,0 +1,426 @@
+r"""EGN as a `torch.optim.Optimizer`, and as a preconditioner for any torch optimizer.
+
+Each step, at the current parameters w and for one mini-batch (DESIGN §1):
+
+    d      = −(H + λI)⁻¹ g                      exact LM direction, solved in the m×m row space
+    d̂      = momentum(d)                        "ema":        m ← βm + (1−β)d,  d̂ = m / (1 − βᵗ)
+                                                "heavy_ball": v ← βv + d,       d̂ = v
+                                                "nesterov":   v ← βv + d,       d̂ = d + βv
+    s_g    = t · lr_g · d̂_g                     per parameter group g; t = 1 without line search
+    w_g    ← (1 − lr_g · weight_decay_g) w_g + s_g      (decoupled weight decay)
+
+- Line search (`line_search="armijo"`): t starts at min(growth · t_prev, 1) and shrinks ×shrink
+  until L(w + s) ≤ L(w) + c₁ gᵀs, on the same batch (with one group: α = t·lr starts at
+  min(1.5 α_prev, lr), the paper's rule). If no t passes in `max_tries`, the step is rejected.
+- Adaptive damping (`adaptive_damping=True`): ρ = (L(w) − L(w + s)) / (predicted decrease of the
+  LM model gᵀs + ½sᵀHs + ½λ‖s‖²); ρ < 0.25 → λ ×1.5, ρ > 0.75 → λ ×0.5, λ ∈ [1e-12, 1e6]. A step
+  with ρ < 0 or a non-finite loss is rejected: parameters restored bit for bit, λ raised.
+  When s is a multiple of d (no momentum, one lr), the prediction comes from row-space
+  by-products; otherwise gᵀs uses g = (1/b)J̃ᵀw (one back-projection) and sᵀHs one JVP.
+- A non-finite loss or Gram, or a solve that fails after its jitter retries, raises before
+  anything is changed (or, with `skip_nonfinite=True`, warns and returns a rejected StepInfo).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .direction import Closure, Inputs, NonFiniteError, RowSpaceSystem, Solution, build_system, forward_of
+from .losses import Loss, resolve_loss
+from .solve import SolveError
+
+__all__ = ["EGN", "EGNPreconditioner", "StepInfo", "ArmijoLineSearch", "AdaptiveDamping"]
+
+LossSpec = str | Loss | Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ArmijoLineSearch:
+    """Backtracking on the step multiplier t: accept when L(w + s) ≤ L(w) + c1 · gᵀs."""
+
+    c1: float = 0.1
+    shrink: float = 0.8
+    max_tries: int = 15
+    growth: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not (0 < self.c1 < 1 and 0 < self.shrink < 1 and self.max_tries >= 1 and self.growth >= 1):
+            raise ValueError(f"invalid line search settings {self}: need 0<c1<1, 0<shrink<1, max_tries≥1, growth≥1")
+
+
+@dataclass(frozen=True)
+class AdaptiveDamping:
+    """The trust-region rule for λ from ρ = actual / predicted decrease."""
+
+    rho_low: float = 0.25
+    rho_high: float = 0.75
+    increase: float = 1.5
+    decrease: float = 0.5
+    min_damping: float = 1e-12
+    max_damping: float = 1e6
+
+    def __post_init__(self) -> None:
+        if not (self.rho_low <= self.rho_high and self.increase > 1 and 0 < self.decrease < 1):
+            raise ValueError(f"invalid adaptive damping settings {self}: need rho_low≤rho_high, increase>1, 0<decrease<1")
+        if not 0 < self.min_damping <= self.max_damping:
+            raise ValueError(f"invalid damping range [{self.min_damping}, {self.max_damping}]")
+
+    def next(self, damping: float, rho: float) -> float:
+        """λ for the next step after a step with gain ratio ρ (nan counts as a failure)."""
+        if not rho >= self.rho_low:
+            damping *= self.increase
+        elif rho > self.rho_high:
+            damping *= self.decrease
+        return min(max(damping, self.min_damping), self.max_damping)
+
+
+@dataclass
+class StepInfo:
+    """What one `EGN.step` did.
+
+    loss: batch loss before the step; loss_after: after it (None when not evaluated: no line
+    search and no adaptive damping); damping: λ used; next_damping: λ for the next step;
+    step_size: t·lr of the first group (0 when rejected); rho: gain ratio (None when not
+    computed); accepted: whether the parameters changed; direction_norm: ‖d‖ of the LM
+    direction; jitter: diagonal jitter the solve needed; line_search_tries; timings: seconds per
+    stage (when asked); reason: why a step was rejected.
+    """
+
+    loss: float
+    damping: float
+    next_damping: float
+    accepted: bool
+    loss_after: float | None = None
+    step_size: float = 0.0
+    rho: float | None = None
+    direction_norm: float = 0.0
+    jitter: float = 0.0
+    line_search_tries: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _trainable(groups: list[dict[str, Any]]) -> list[nn.Parameter]:
+    return [p for g in groups for p in g["params"] if p.requires_grad]
+
+
+def _check_in_model(model: nn.Module, params: list[nn.Parameter]) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    owned = {id(p) for p in model.parameters()}
+    if any(id(p) not in owned for p in params):
+        raise ValueError("every parameter in the optimizer's param groups must be a parameter of the model")
+
+
+def _direction(
+    model: nn.Module, forward: Closure, params: list[nn.Parameter], loss: Loss, damping: float, opts: dict[str, Any]
+) -> tuple[RowSpaceSystem, Solution, list[Tensor]]:
+    """Row-space system, damped solve and back-projection at the current parameters."""
+    system = build_system(
+        model, closure=forward, params=params, loss=loss, backend=opts["backend"],
+        seq_method=opts["seq_method"], timings=opts["timings"],
+    )
+    t0 = time.perf_counter()
+    sol = system.solve(damping, opts["solve_dtype"])
+    t1 = time.perf_counter()
+    d = system.backproject(sol.gamma)
+    if opts["timings"]:
+        system.timings["solve"] = t1 - t0
+        system.timings["backproject"] = time.perf_counter() - t1
+    return system, sol, d
+
+
+def _dot(xs: list[Tensor], ys: list[Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(xs, ys)))
+
+
+class EGN(torch.optim.Optimizer):
+    """Exact Gauss-Newton (Levenberg–Marquardt in the row space) as a torch optimizer.
+
+    Args:
+        model: the network; the direction is taken with respect to the parameters in the param
+            groups (default: all of `model.parameters()`); parameters with requires_grad=False
+            are skipped.
+        loss: "mse" (½‖f−y‖² per sample) | "cross_entropy" | "bce" | a `Loss` | a per-sample
+            callable `fn(outputs (c,), target) -> scalar`. The batch loss is the mean over samples.
+        lr: step multiplier per group (1.0 is the full LM step).
+        damping: initial λ ≥ 0 in (H + λI).
+        momentum: β ∈ [0, 1) on the direction; momentum_type "ema" | "heavy_ball" | "nesterov".
+        line_search: None | "armijo" | an `ArmijoLineSearch`.
+        adaptive_damping: False | True | an `AdaptiveDamping`.
+        weight_decay: decoupled weight decay per group.
+        max_step_norm: if set, the step s is scaled down to this Euclidean norm.
+        backend: op backend ("auto" | "torch" | "triton" | "cuda"); solve_dtype: dtype of the
+            Cholesky (default the Gram's); seq_method: see `egn_fast.build_system`.
+        skip_nonfinite: warn and skip (instead of raising) when the loss/Gram is non-finite or
+            the solve fails.
+        timings: record seconds per stage in StepInfo.timings.
+        params: torch-style param groups (an iterable of parameters or of dicts with "params"
+            and per-group "lr"/"weight_decay"); all must belong to `model`.
+
+    `step(inputs, targets)` or `step(closure=fn)` with fn() -> (outputs, targets) (called again to
+    evaluate trial points) returns a `StepInfo`. The model must behave deterministically between
+    those calls (e.g. dropout off) for the line search and ρ to be meaningful.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossSpec = "mse",
+        lr: float = 1.0,
+        damping: float = 1.0,
+        momentum: float = 0.0,
+        line_search: str | ArmijoLineSearch | None = None,
+        adaptive_damping: bool | AdaptiveDamping = False,
+        weight_decay: float = 0.0,
+        backend: str = "auto",
+        *,
+        momentum_type: str = "ema",
+        max_step_norm: float | None = None,
+        solve_dtype: torch.dtype | None = None,
+        seq_method: str = "auto",
+        skip_nonfinite: bool = False,
+        timings: bool = False,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr must be ≥ 0, got {lr}")
+        if not damping >= 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if momentum_type not in ("ema", "heavy_ball", "nesterov"):
+            raise ValueError(f"unknown momentum_type {momentum_type!r}; expected 'ema', 'heavy_ball' or 'nesterov'")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+        if max_step_norm is not None and not max_step_norm > 0:
+            raise ValueError(f"max_step_norm must be > 0, got {max_step_norm}")
+        if line_search == "armijo":
+            line_search = ArmijoLineSearch()
+        if not (line_search is None or isinstance(line_search, ArmijoLineSearch)):
+            raise ValueError(f"line_search must be None, 'armijo' or an ArmijoLineSearch, got {line_search!r}")
+        if adaptive_damping is True:
+            adaptive_damping = AdaptiveDamping()
+        if not (adaptive_damping is False or isinstance(adaptive_damping, AdaptiveDamping)):
+            raise ValueError(f"adaptive_damping must be a bool or an AdaptiveDamping, got {adaptive_damping!r}")
+        super().__init__(model.parameters() if params is None else params, dict(lr=lr, weight_decay=weight_decay))
+        _check_in_model(model, [p for g in self.param_groups for p in g["params"]])
+        self.model = model
+        self.loss_fn = resolve_loss(loss)
+        self.momentum = momentum
+        self.momentum_type = momentum_type
+        self.line_search = line_search or None
+        self.adaptive_damping = adaptive_damping or None
+        self.max_step_norm = max_step_norm
+        self.skip_nonfinite = skip_nonfinite
+        self._opts = dict(backend=backend, seq_method=seq_method, solve_dtype=solve_dtype, timings=timings)
+        # Optimizer-wide state (per-parameter state holds the momentum buffers)
+        self.egn_state: dict[str, Any] = dict(damping=float(damping), step_scale=1.0, steps=0, momentum_steps=0)
+
+    @property
+    def damping(self) -> float:
+        """The λ the next step will use."""
+        return self.egn_state["damping"]
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["egn"] = dict(self.egn_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        if "egn" not in state_dict:
+            raise ValueError("not an EGN state_dict (no 'egn' entry)")
+        self.egn_state.update(state_dict.pop("egn"))
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None
+    ) -> StepInfo:
+        """One EGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
+        forward = forward_of(self.model, inputs, targets, closure)
+        params = _trainable(self.param_groups)
+        damping = self.egn_state["damping"]
+        try:
+            system, sol, d = _direction(self.model, forward, params, self.loss_fn, damping, self._opts)
+        except (NonFiniteError, SolveError) as err:
+            if not self.skip_nonfinite:
+                raise
+            warnings.warn(f"EGN step skipped: {err}", RuntimeWarning, stacklevel=2)
+            return StepInfo(loss=math.nan, damping=damping, next_damping=damping, accepted=False, reason=str(err))
+        self.egn_state["steps"] += 1
+        info = StepInfo(
+            loss=system.loss, damping=damping, next_damping=damping, accepted=False,
+            direction_norm=math.sqrt(max(sol.dnorm2, 0.0)), jitter=sol.jitter, timings=system.timings,
+        )
+
+        d_hat, buffers = self._momentum(params, d)
+        lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
+        decays = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
+        steps = [lr * x for lr, x in zip(lrs, d_hat)]
+        # a: s = a·d when there is no momentum and one lr; then the row-space by-products give
+        # gᵀs, sᵀHs and ‖s‖² exactly without touching the model again
+        a = lrs[0] if d_hat is d and len(set(lrs)) == 1 else None
+        if self.max_step_norm is not None:
+            norm = math.sqrt(_dot(steps, steps))
+            if norm > self.max_step_norm:
+                steps = [x * (self.max_step_norm / norm) for x in steps]
+                a = None if a is None else a * self.max_step_norm / norm
+        if self.line_search is None and self.adaptive_damping is None:
+            for p, x, lr, wd in zip(params, steps, lrs, decays):
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(x)
+            self._commit(params, buffers)
+            info.accepted, info.step_size = True, lrs[0] if lrs else 0.0
+            return info
+
+        if a is not None:
+            g_dot_s, s_H_s, s_norm2 = a * sol.gtd, a * a * sol.dHd, a * a * sol.dnorm2
+        else:
+            g = system.backproject(-system.w / system.b)  # backproject(γ) = −J̃ᵀγ, so g = (1/b)J̃ᵀw
+            g_dot_s, s_norm2 = _dot(g, steps), _dot(steps, steps)
+            s_H_s = _curvature(system, forward, params, steps) if self.adaptive_damping is not None else math.nan
+        saved = [p.detach().clone() for p in params]
+        t, loss_after, tries = self._search(forward, params, steps, saved, system.loss, g_dot_s)
+        info.loss_after, info.line_search_tries = loss_after, tries
+        accepted = t > 0
+        if not accepted:
+            info.reason = f"Armijo condition not met in {tries} tries"
+        if self.adaptive_damping is not None:
+            rho = math.nan
+            if accepted:
+                # decrease of the LM model m(ts) = gᵀ(ts) + ½(ts)ᵀ(H + λI)(ts)
+                predicted = -(t * g_dot_s + 0.5 * t * t * (s_H_s + damping * s_norm2))
+                rho = (system.loss - loss_after) / predicted if predicted > 0 else math.nan
+                info.rho = rho
+                if not math.isfinite(loss_after):
+                    info.reason = "non-finite loss after the step"
+                elif not predicted > 0:
+                    info.reason = "the LM model predicts no decrease for this step (step multiplier too large)"
+                elif rho < 0:
+                    info.reason = f"the loss went up (rho = {rho:.3g} < 0)"
+                accepted = rho >= 0
+            self.egn_state["damping"] = info.next_damping = self.adaptive_damping.next(damping, rho)
+        if not accepted:
+            for p, x in zip(params, saved):
+                p.copy_(x)
+            return info
+        for p, x, lr, wd in zip(params, saved, lrs, decays):
+            if wd:  # decoupled: shrink the old parameters, then the accepted step is already added
+                p.sub_(x, alpha=lr * wd)
+        if self.line_search is not None:
+            self.egn_state["step_scale"] = t
+        self._commit(params, buffers)
+        info.accepted, info.step_size = True, t * (lrs[0] if lrs else 0.0)
+        return info
+
+    def _momentum(self, params: list[nn.Parameter], d: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
+        """d̂ and the new momentum buffers (stored only if the step is accepted)."""
+        beta = self.momentum
+        if beta == 0:
+            return d, None
+        old = [self.state[p].get("momentum_buffer") for p in params]
+        if self.momentum_type == "ema":
+            buffers = [(1 - beta) * x if m is None else beta * m + (1 - beta) * x for m, x in zip(old, d)]
+            correction = 1 - beta ** (self.egn_state["momentum_steps"] + 1)
+            return [m / correction for m in buffers], buffers
+        buffers = [x.clone() if m is None else beta * m + x for m, x in zip(old, d)]
+        if self.momentum_type == "heavy_ball":
+            return buffers, buffers
+        return [x + beta * m for x, m in zip(d, buffers)], buffers
+
+    def _commit(self, params: list[nn.Parameter], buffers: list[Tensor] | None) -> None:
+        if buffers is None:
+            return
+        for p, m in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = m
+        self.egn_state["momentum_steps"] += 1
+
+    def _loss_at(self, forward: Closure) -> float:
+        out, targets = forward()
+        f = out.reshape(out.shape[0], -1)
+        return float(self.loss_fn.per_sample(f, self.loss_fn.check_targets(f, targets)).mean())
+
+    def _search(
+        self, forward: Closure, params: list[nn.Parameter], steps: list[Tensor], saved: list[Tensor], loss: float, g_dot_s: float
+    ) -> tuple[float, float, int]:
+        """(t, loss at w + t·s, tries); t = 0 when the line search found no acceptable step."""
+        ls = self.line_search
+        t = 1.0 if ls is None else min(ls.growth * self.egn_state["step_scale"], 1.0)
+        for tries in range(1, (1 if ls is None else ls.max_tries) + 1):
+            for p, x, s in zip(params, saved, steps):
+                p.copy_(x).add_(s, alpha=t)
+            trial = self._loss_at(forward)
+            if ls is None or (math.isfinite(trial) and trial <= loss + ls.c1 * t * g_dot_s):
+                return t, trial, tries
+            t *= ls.shrink
+        return 0.0, trial, tries
+
+def _curvature(system: RowSpaceSystem, forward: Closure, params: list[nn.Parameter], steps: list[Tensor]) -> float:
+    """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² at the current parameters.
+
+    J s comes from two reverse passes (Js = ∂/∂u ⟨Jᵀu, s⟩), which works for any closure.
+    """
+    with torch.enable_grad():
+        out, _ = forward()
+        f = out.reshape(out.shape[0], -1)
+        u = torch.zeros_like(f, requires_grad=True)
+        grads = torch.autograd.grad(f, params, u, create_graph=True, allow_unused=True)
+        inner = sum((g * s).sum() for g, s in zip(grads, steps) if g is not None)
+        (Js,) = torch.autograd.grad(inner, u)
+    StJs = torch.einsum("bcs,bc->bs", system.head.S.to(Js.dtype), Js)
+    return float(StJs.double().pow(2).sum()) / system.b
+
+
+class EGNPreconditioner:
+    """EGN as a preconditioner: `step(inputs, targets)` writes −d into each parameter's .grad,
+    so any torch optimizer applies the EGN direction (p ← p − lr·grad = p + lr·d).
+
+        precond = egn_fast.EGNPreconditioner(model, loss="cross_entropy", damping=1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        precond.step(x, y); opt.step()
+
+    Returns a StepInfo (loss, λ, ‖d‖, jitter); λ stays fixed unless changed via `damping`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossSpec = "mse",
+        damping: float = 1.0,
+        backend: str = "auto",
+        *,
+        solve_dtype: torch.dtype | None = None,
+        seq_method: str = "auto",
+        timings: bool = False,
+        params: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        if not damping >= 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        self.params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        _check_in_model(model, self.params)
+        self.model = model
+        self.loss_fn = resolve_loss(loss)
+        self.damping = float(damping)
+        self._opts = dict(backend=backend, seq_method=seq_method, solve_dtype=solve_dtype, timings=timings)
+
+    @torch.no_grad()
+    def step(self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None) -> StepInfo:
+        """Set p.grad = −d for every parameter (d the EGN direction on this batch)."""
+        forward = forward_of(self.model, inputs, targets, closure)
+        system, sol, d = _direction(self.model, forward, self.params, self.loss_fn, self.damping, self._opts)
+        for p, x in zip(self.params, d):
+            p.grad = -x
+        return StepInfo(
+            loss=system.loss, damping=self.damping, next_damping=self.damping, accepted=True,
+            direction_norm=math.sqrt(max(sol.dnorm2, 0.0)), jitter=sol.jitter, timings=system.timings,
+        )
