@@ -347,3 +347,12 @@ def test_step_needs_exactly_one_form():
         opt.step(x)
     with pytest.raises(ValueError, match="closure"):
         opt.step(closure=lambda: model(x))
+
+
+def test_timings_per_stage_when_asked():
+    model = mlp(41)
+    (x, y), = batches("mse", 1, seed=42)
+    info = egn_fast.EGN(model, loss="mse", timings=True).step(x, y)
+    assert {"forward", "gram", "solve", "backproject"} <= set(info.timings)
+    assert all(v >= 0 for v in info.timings.values())
+    assert egn_fast.EGN(mlp(41), loss="mse").step(x, y).timings == {}
