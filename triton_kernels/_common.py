@@ -67,8 +67,11 @@ def tf32_allowed() -> bool:
 
 def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """Autotuning candidates: `gpu` on a GPU; the single `interpreter` config under the interpreter
-    (autotuning needs a GPU to time on, and few wide tiles keep the interpreter fast)."""
-    return [interpreter] if INTERPRET else gpu
+    (autotuning needs a GPU to time on, and few wide tiles keep the interpreter fast).
+    EGN_FAST_TRITON_AUTOTUNE=0 keeps only gpu[0] (fewer compilations, e.g. for GPU test runs)."""
+    if INTERPRET:
+        return [interpreter]
+    return gpu if os.environ.get("EGN_FAST_TRITON_AUTOTUNE", "1") != "0" else gpu[:1]
 
 
 @triton.jit
