@@ -52,13 +52,15 @@ BACKPROJECT_QUICK = [(4096, 1, 1, 1024, 1024), (64, 4, 512, 4096, 4096)]
 @dataclass
 class Case:
     """One op on one shape: `run(ops)` calls the op of backend `ops` on fixed inputs and returns
-    its output; flops and bytes are the op's own work (lower triangle only for a Gram)."""
+    its output; flops and bytes are the op's own work (lower triangle only for a Gram);
+    gemm_mnk and gemm_dtype: the cuBLAS GEMM it is compared with."""
 
     op: str
     shape: dict[str, int]
     flops: float
     bytes: float
     gemm_mnk: tuple[int, int, int]
+    gemm_dtype: torch.dtype
     run: Callable[[object], torch.Tensor]
 
 
@@ -78,7 +80,7 @@ def gram_dense_case(b: int, s: int, n_in: int, n_out: int, dtype: torch.dtype) -
 
     flops = m * m * n_out + b * b * n_in  # 2 per multiply-add, half of each symmetric product
     io = (A.numel() + G.numel()) * A.element_size() + 2 * 4 * m * m
-    return Case("gram_dense", dict(b=b, s=s, T=1, n_in=n_in, n_out=n_out), flops, io, _square_gemm(m, flops), run)
+    return Case("gram_dense", dict(b=b, s=s, T=1, n_in=n_in, n_out=n_out), flops, io, _square_gemm(m, flops), dtype, run)
 
 
 def gram_seq_case(b: int, s: int, T: int, n_in: int, n_out: int, dtype: torch.dtype) -> Case:
@@ -93,7 +95,7 @@ def gram_seq_case(b: int, s: int, T: int, n_in: int, n_out: int, dtype: torch.dt
 
     flops = T * T * (m * m * n_out + b * b * n_in)
     io = (A.numel() + G.numel()) * A.element_size() + 2 * 4 * m * m
-    return Case("gram_seq", dict(b=b, s=s, T=T, n_in=n_in, n_out=n_out), flops, io, _square_gemm(m * T, flops), run)
+    return Case("gram_seq", dict(b=b, s=s, T=T, n_in=n_in, n_out=n_out), flops, io, _square_gemm(m * T, flops), dtype, run)
 
 
 def backproject_case(b: int, s: int, T: int, n_in: int, n_out: int, dtype: torch.dtype) -> Case:
@@ -106,7 +108,8 @@ def backproject_case(b: int, s: int, T: int, n_in: int, n_out: int, dtype: torch
 
     flops = 2 * n_out * n_in * b * T + 2 * b * s * T * n_out
     io = (A.numel() + G.numel()) * A.element_size() + 4 * n_out * (n_in + 1)
-    return Case("backproject", dict(b=b, s=s, T=T, n_in=n_in, n_out=n_out), flops, io, (n_out, n_in, b * T), run)
+    # the GEMM it fuses, Uᵀ A, runs in u's dtype (fp32) whatever the factors' dtype, as in torch
+    return Case("backproject", dict(b=b, s=s, T=T, n_in=n_in, n_out=n_out), flops, io, (n_out, n_in, b * T), u.dtype, run)
 
 
 def _square_gemm(rows: int, flops: float) -> tuple[int, int, int]:
@@ -201,7 +204,7 @@ def measure(quick: bool, reps: int) -> list[dict]:
             for case in cases(quick, dtype):
                 want = case.run(torch_ops).clone()
                 torch_ms = median_ms(lambda: case.run(torch_ops), 2, reps)
-                gemm = gemm_tflops(case.gemm_mnk, dtype, reps)
+                gemm = gemm_tflops(case.gemm_mnk, case.gemm_dtype, reps)
                 for name, backend in backends[case.op].items():
                     err = rel_err(case.run(backend), want)
                     ms = median_ms(lambda: case.run(backend), 3, reps)
