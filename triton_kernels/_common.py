@@ -30,9 +30,18 @@ def check_device(*tensors: torch.Tensor) -> None:
     )
 
 
-def check_float(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] = tuple(_TL_DTYPE)) -> None:
+def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_inputs(acc_name: str, acc: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> None:
+    """Raise ValueError unless `acc` (K or u) is fp32/fp64, the factors A and G are floating
+    point of a dtype tl.dot takes, and all three share a device the kernels run on."""
+    _check_dtype(acc_name, acc, ACC_DTYPES)
+    _check_dtype("A", A, tuple(_TL_DTYPE))
+    _check_dtype("G", G, tuple(_TL_DTYPE))
+    check_device(acc, A, G)
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -63,6 +72,16 @@ def tf32_allowed() -> bool:
             precision = torch.backends.fp32_precision
         return precision == "tf32"
     return bool(matmul.allow_tf32)
+
+
+def gram_configs(tile: str) -> list[triton.Config]:
+    """GPU autotuning candidates of a Gram kernel: square `tile` × `tile` output tiles, BLOCK_K
+    features per tl.dot step."""
+    return [
+        triton.Config({tile: size, "BLOCK_K": block_k}, num_warps=size // 16, num_stages=3)
+        for size in (64, 128)
+        for block_k in (32, 64)
+    ]
 
 
 def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACC_DTYPES, acc_dtype, check_device, check_float, configs, operand
+from ._common import acc_dtype, check_inputs, configs, operand
 
 # Rows of the reduction one split-K program handles at least (fewer would make the atomic adds
 # of the partial tiles cost as much as the GEMM itself).
@@ -113,10 +113,7 @@ def backproject(
     n_in = A.shape[2]
     if A.shape[:2] != (b, T) or u.shape != (b, s):
         raise ValueError(f"shapes disagree: A {tuple(A.shape)}, G {tuple(G.shape)}, u {tuple(u.shape)}")
-    check_float("u", u, ACC_DTYPES)
-    check_float("A", A)
-    check_float("G", G)
-    check_device(A, G, u)
+    check_inputs("u", u, A, G)
     n_rows = b * T
     if splits is None:
         splits = _split_count(n_rows, n_out, n_in, u.device)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACC_DTYPES, acc_dtype, add_symmetric, check_device, check_float, configs, operand, tile_gram
+from ._common import acc_dtype, add_symmetric, check_inputs, configs, gram_configs, operand, tile_gram
 
 
 def _samples_per_tile(block: int, s: int) -> int:
@@ -22,15 +22,7 @@ def _samples_per_tile(block: int, s: int) -> int:
 
 
 @triton.autotune(
-    configs=configs(
-        [
-            triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        ],
-        triton.Config({"BLOCK": 32, "BLOCK_K": 32}),
-    ),
+    configs=configs(gram_configs("BLOCK"), triton.Config({"BLOCK": 32, "BLOCK_K": 32})),
     key=["m", "s", "n_in", "n_out"],
     restore_value=["K"],  # the kernel accumulates into K: timing runs must not change it
 )
@@ -89,10 +81,7 @@ def gram_dense(K: torch.Tensor, A: torch.Tensor, G: torch.Tensor, bias: bool) ->
     m = b * s
     if A.shape[0] != b or K.shape != (m, m):
         raise ValueError(f"shapes disagree: K {tuple(K.shape)}, A {tuple(A.shape)}, G {tuple(G.shape)} (need K (b·s, b·s), A (b, in))")
-    check_float("K", K, ACC_DTYPES)
-    check_float("A", A)
-    check_float("G", G)
-    check_device(K, A, G)
+    check_inputs("K", K, A, G)
     if m == 0:
         return
     a_op, a_prec = operand(A, K.dtype)

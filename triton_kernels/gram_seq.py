@@ -16,19 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACC_DTYPES, acc_dtype, add_symmetric, check_device, check_float, configs, operand, tile_gram
+from ._common import acc_dtype, add_symmetric, check_inputs, configs, gram_configs, operand, tile_gram
 
 
 @triton.autotune(
-    configs=configs(
-        [
-            triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
-        ],
-        triton.Config({"BLOCK_T": 32, "BLOCK_K": 32}),
-    ),
+    configs=configs(gram_configs("BLOCK_T"), triton.Config({"BLOCK_T": 32, "BLOCK_K": 32})),
     key=["s", "T", "n_in", "n_out"],
     restore_value=["K"],  # the kernel accumulates into K: timing runs must not change it
 )
@@ -81,10 +73,7 @@ def gram_seq(K: torch.Tensor, A: torch.Tensor, G: torch.Tensor, bias: bool) -> N
     m = b * s
     if A.shape[:2] != (b, T) or K.shape != (m, m):
         raise ValueError(f"shapes disagree: K {tuple(K.shape)}, A {tuple(A.shape)}, G {tuple(G.shape)} (need K (b·s, b·s), A (b, T, in))")
-    check_float("K", K, ACC_DTYPES)
-    check_float("A", A)
-    check_float("G", G)
-    check_device(K, A, G)
+    check_inputs("K", K, A, G)
     if m == 0 or T == 0:
         return
     a_op, a_prec = operand(A, K.dtype)
