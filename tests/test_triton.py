@@ -53,8 +53,8 @@ def assert_close_to(got, want, dtype):
 
 
 # (b, s, in, out): one tile; ragged tiles with s > 1 (rows of one sample across tile edges);
-# features longer than one BLOCK_K chunk.
-DENSE_SHAPES = [(5, 1, 3, 4), (23, 3, 7, 9), (40, 1, 70, 33), (9, 4, 2, 37)]
+# features longer than one BLOCK_K chunk; more rows per sample than a tile has.
+DENSE_SHAPES = [(5, 1, 3, 4), (23, 3, 7, 9), (40, 1, 70, 33), (9, 4, 2, 37), (3, 40, 5, 6)]
 
 
 @pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
