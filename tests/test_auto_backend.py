@@ -2,6 +2,7 @@
 (with a warning) where the chosen backend cannot be created or does not support the device."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ def table(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "AUTO_TABLE_PATH", path)
     monkeypatch.setattr(ops, "_AUTO", {})
 
-    def write(cpu_choices):
-        path.write_text(json.dumps({"note": "test", "measured_on": None, "devices": {"cpu": cpu_choices}}))
+    def write(choices):  # the same choices for both device types
+        path.write_text(json.dumps({"note": "test", "measured_on": None, "devices": {"cpu": choices, "cuda": choices}}))
         ops._AUTO.clear()
 
     return write
@@ -86,3 +87,26 @@ def test_unknown_op_in_table_is_an_error(table):
     table({"gram_dence": "torch"})
     with pytest.raises(ValueError, match="unknown op 'gram_dence'"):
         ops.get_backend("auto", CPU)
+
+
+def test_triton_is_registered_lazily(table, monkeypatch):
+    """The triton backend is created on first use; a missing triton is an ImportError there and a
+    warning plus torch under backend="auto"."""
+    assert "triton" in ops.available_backends()
+    table({"gram_dense": "triton"})
+    monkeypatch.setattr(ops, "_INSTANCES", {})
+    monkeypatch.setitem(sys.modules, "egn_fast.ops.triton_backend", None)  # import fails
+    with pytest.raises(ImportError):
+        ops.get_backend("triton", CPU)
+    with pytest.warns(UserWarning, match="gram_dense on cpu uses torch, not 'triton'"):
+        assert ops.get_backend("auto", CPU).name == "torch"
+
+
+def test_auto_can_choose_triton_per_op(table):
+    pytest.importorskip("triton", reason="triton is not installed")
+    from egn_fast import triton_kernels
+
+    table({"gram_dense": "triton"})
+    auto = ops.get_backend("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert auto.choices == {"gram_dense": "triton"}
+    assert auto.gram_dense is triton_kernels.gram_dense and auto.gram_seq is torch_backend.gram_seq
