@@ -59,6 +59,7 @@ def operand(factor: torch.Tensor, acc: torch.dtype) -> tuple[tl.dtype, str]:
     """
     half = factor.dtype == torch.float16 or (factor.dtype == torch.bfloat16 and not INTERPRET)
     dtype = factor.dtype if half and acc == torch.float32 else acc
+    # input_precision only matters for fp32 operands; others get Triton's default ("tf32")
     tf32 = dtype != torch.float32 or tf32_allowed()
     return _TL_DTYPE[dtype], "tf32" if tf32 else "ieee"
 
