@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/step_time.py --reuse-cpu-memory
+
+# On a machine with a CUDA GPU (needs no network): build, GPU tests, kernel benchmark, table last.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

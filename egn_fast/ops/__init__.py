@@ -12,17 +12,22 @@ Every backend implements the same op set (shapes in `torch_backend`):
 
 `Backend` itself is the torch backend (the reference, CPU and GPU); an accelerated backend
 subclasses it, overrides the ops it implements, and registers itself with `register_backend`.
+backend="auto" picks a backend per op and device type from auto_table.json, which
+benchmarks/kernels.py --write-auto-table fills from measured speed-ups.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import torch_backend
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "AUTO_PREFERENCE"]
+__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "auto_table"]
 
 
 class Backend:
@@ -46,15 +51,16 @@ class Backend:
 # name -> factory; a factory may raise ImportError/RuntimeError when its toolchain is missing.
 _REGISTRY: dict[str, Callable[[], Backend]] = {"torch": Backend}
 _INSTANCES: dict[str, Backend] = {}
-
-# What backend="auto" picks, by device type: the first registered backend that supports the device.
-AUTO_PREFERENCE: dict[str, list[str]] = {"cpu": ["torch"], "cuda": ["torch"]}
+# backend="auto", per device type: the backend built from auto_table.json's per-op choices.
+_AUTO: dict[str, Backend] = {}
+AUTO_TABLE_PATH = Path(__file__).with_name("auto_table.json")
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     """Make `factory()` available as backend `name`."""
     _REGISTRY[name] = factory
     _INSTANCES.pop(name, None)
+    _AUTO.clear()
 
 
 def available_backends() -> list[str]:
@@ -63,14 +69,12 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
-    """The backend `name` ("auto" resolves per device type) for tensors on `device`."""
+    """The backend `name` for tensors on `device`; "auto" picks each op's backend from
+    `auto_table()` for the device type."""
     if name == "auto":
-        for candidate in AUTO_PREFERENCE.get(device.type, ["torch"]):
-            if candidate in _REGISTRY:
-                backend = get_backend(candidate, device)
-                if backend.supports(device):
-                    return backend
-        return get_backend("torch", device)
+        if device.type not in _AUTO:
+            _AUTO[device.type] = _auto_backend(device)
+        return _AUTO[device.type]
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; available: {available_backends()} or 'auto'")
     if name not in _INSTANCES:
@@ -79,3 +83,43 @@ def get_backend(name: str, device: torch.device) -> Backend:
     if not backend.supports(device):
         raise ValueError(f"backend {name!r} does not support tensors on {device}")
     return backend
+
+
+def auto_table() -> dict[str, dict[str, str]]:
+    """device type -> op -> backend name, as backend="auto" uses it (ops not named: torch)."""
+    return json.loads(AUTO_TABLE_PATH.read_text())["devices"]
+
+
+def _auto_backend(device: torch.device) -> Backend:
+    """A backend whose every op comes from the backend the table chooses for it on `device`'s type.
+
+    A chosen backend that cannot be created (its toolchain is missing) or does not support the
+    device is replaced by torch for that op, with a warning. All-torch choices give the torch backend.
+    """
+    ops: dict[str, staticmethod] = {}
+    chosen: dict[str, str] = {}
+    for op, choice in auto_table().get(device.type, {}).items():
+        if op == "supports" or not callable(getattr(Backend, op, None)):
+            raise ValueError(f"{AUTO_TABLE_PATH.name} names an unknown op {op!r}")
+        if choice == "torch":
+            continue
+        try:
+            backend = get_backend(choice, device)
+        except (ImportError, RuntimeError, ValueError) as err:
+            warnings.warn(f"backend='auto': {op} on {device.type} uses torch, not {choice!r}: {err}", stacklevel=3)
+            continue
+        ops[op] = staticmethod(getattr(backend, op))
+        chosen[op] = choice
+    if not ops:
+        return get_backend("torch", device)
+    composite = type("AutoBackend", (Backend,), {"name": "auto", "choices": chosen, **ops})
+    return composite()
+
+
+def _make_triton() -> Backend:
+    from .triton_backend import TritonBackend  # imports triton: ImportError when it is missing
+
+    return TritonBackend()
+
+
+register_backend("triton", _make_triton)
