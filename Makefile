@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 
 .PHONY: test bench clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml setup.py
+# csrc/ sources are dependencies: editing a kernel rebuilds the extension egn_fast._C.
+$(VENV)/.installed: requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -20,4 +21,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py --reuse-cpu-memory
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info egn_fast/_C*.so
