@@ -50,10 +50,10 @@ __global__ void __launch_bounds__(THREADS) backproject_kernel(const In* A, const
   Acc acc[MICRO][MICRO];
   simt_tile_product(ULoader<Acc, In>{u, G, positions, s, T, n_out, o0}, ALoader<Acc, In>{A, positions, n_in, p0},
                     positions, acc);
-  int tx = threadIdx.x % (TILE / MICRO), ty = threadIdx.x / (TILE / MICRO);
+  MicroTile mine = micro_tile(threadIdx.x);
   for (int i = 0; i < MICRO; ++i)
     for (int j = 0; j < MICRO; ++j) {
-      int o = o0 + ty * MICRO + i, p = p0 + tx * MICRO + j;
+      int o = o0 + mine.row0 + i, p = p0 + mine.col0 + j;
       if (o < n_out && p < n_in) dW[(long long)o * n_in + p] = acc[i][j];
     }
 }

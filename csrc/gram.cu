@@ -43,12 +43,11 @@ __global__ void __launch_bounds__(THREADS) gram_simt_kernel(const T* X, int m, i
   TilePair tile = lower_tile(blockIdx.x);
   T acc[MICRO][MICRO];
   simt_tile_product(RowsLoader<T>{X, m, n, tile.row * TILE}, RowsLoader<T>{X, m, n, tile.col * TILE}, n, acc);
-  int tx = threadIdx.x % (TILE / MICRO), ty = threadIdx.x / (TILE / MICRO);
+  MicroTile mine = micro_tile(threadIdx.x);
   for (int i = 0; i < MICRO; ++i)
     for (int j = 0; j < MICRO; ++j) {
-      int lr = ty * MICRO + i, lc = tx * MICRO + j;
-      T weight = gram_weight(W, ldw, tile.row * TILE + lr, tile.col * TILE + lc, s, bias_add);
-      gram_store(K, ldk, m, tile, lr, lc, acc[i][j] * weight);
+      int lr = mine.row0 + i, lc = mine.col0 + j;
+      gram_store(K, ldk, m, tile, lr, lc, acc[i][j], W, ldw, s, bias_add);
     }
 }
 
@@ -127,8 +126,7 @@ __global__ void __launch_bounds__(THREADS) gram_mma_kernel(const In* X, int m, i
   __syncthreads();
   for (int e = threadIdx.x; e < TILE * TILE; e += THREADS) {
     int lr = e / TILE, lc = e % TILE;
-    float weight = gram_weight(W, ldw, tile.row * TILE + lr, tile.col * TILE + lc, s, bias_add);
-    gram_store(K, ldk, m, tile, lr, lc, out[lr][lc] * weight);
+    gram_store(K, ldk, m, tile, lr, lc, out[lr][lc], W, ldw, s, bias_add);
   }
 }
 

@@ -13,19 +13,15 @@
 
 namespace egn {
 
-constexpr int THREADS = 256;
-constexpr int BK = 16;
-constexpr int MICRO = TILE * TILE / THREADS / 4;  // 4: each thread owns a MICRO × MICRO micro-tile
-static_assert(MICRO * MICRO * THREADS == TILE * TILE, "micro-tiles must cover the tile");
-
-// acc[i][j] = Σ_k left(row ty·MICRO + i, k) · right(row tx·MICRO + j, k) over k < kdim, where
+// acc[i][j] = Σ_k left(row0 + i, k) · right(col0 + j, k) over k < kdim for this thread's
+// micro_tile (row0, col0), where
 // load_left / load_right fill tile[k][row] for k-columns [k0, k0 + BK) (zero past the ends).
 template <typename T, class LoadLeft, class LoadRight>
 __device__ void simt_tile_product(const LoadLeft& load_left, const LoadRight& load_right, int kdim,
                                   T (&acc)[MICRO][MICRO]) {
   __shared__ T left[BK][TILE + 1];  // +1: successive k of one row fall in different banks
   __shared__ T right[BK][TILE + 1];
-  int tx = threadIdx.x % (TILE / MICRO), ty = threadIdx.x / (TILE / MICRO);
+  MicroTile mine = micro_tile(threadIdx.x);
   for (int i = 0; i < MICRO; ++i)
     for (int j = 0; j < MICRO; ++j) acc[i][j] = T(0);
   for (int k0 = 0; k0 < kdim; k0 += BK) {
@@ -35,8 +31,8 @@ __device__ void simt_tile_product(const LoadLeft& load_left, const LoadRight& lo
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       T a[MICRO], b[MICRO];
-      for (int i = 0; i < MICRO; ++i) a[i] = left[k][ty * MICRO + i];
-      for (int j = 0; j < MICRO; ++j) b[j] = right[k][tx * MICRO + j];
+      for (int i = 0; i < MICRO; ++i) a[i] = left[k][mine.row0 + i];
+      for (int j = 0; j < MICRO; ++j) b[j] = right[k][mine.col0 + j];
       for (int i = 0; i < MICRO; ++i)
         for (int j = 0; j < MICRO; ++j) acc[i][j] += a[i] * b[j];
     }

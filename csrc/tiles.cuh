@@ -21,8 +21,21 @@
 
 namespace egn {
 
-// Output tile of the Gram kernels (both the SIMT and the tensor-core one): TILE × TILE entries of K.
+// Output tile of every kernel: TILE × TILE entries, one block of THREADS threads. In the FMA
+// kernels each thread owns a MICRO × MICRO micro-tile; operands are staged BK k-columns at a time.
 constexpr int TILE = 64;
+constexpr int THREADS = 256;
+constexpr int BK = 16;
+constexpr int MICRO = 4;
+static_assert(MICRO * MICRO * THREADS == TILE * TILE, "micro-tiles must cover the tile");
+
+// Top-left corner (row, column) of thread `tid`'s micro-tile inside the tile.
+struct MicroTile {
+  int row0, col0;
+};
+EGN_HD MicroTile micro_tile(int tid) {
+  return MicroTile{(tid / (TILE / MICRO)) * MICRO, (tid % (TILE / MICRO)) * MICRO};
+}
 
 // A factor value in the accumulation type. torch builds with __CUDA_NO_HALF_CONVERSIONS__, so the
 // 16-bit types are converted by name.
@@ -64,22 +77,19 @@ EGN_HD TilePair lower_tile(long long linear) {
   return TilePair{(int)ti, (int)(linear - ti * (ti + 1) / 2)};
 }
 
-// Weight of entry (r, c) of the row Gram: W[r/s, c/s] + bias_add for a sample-level weight
-// W (b, b) (row-major, leading dimension ldw), or 1 when there is none.
+// Adds dot·weight to K for the entry (lr, lc) of tile pair (ti, tj), i.e. r = ti·TILE + lr,
+// c = tj·TILE + lc, where dot = (X Xᵀ)[r, c] and weight = W[r/s, c/s] + bias_add for a symmetric
+// sample-level weight W (b, b) (leading dimension ldw), or 1 when W is null. Entries past m are
+// skipped before W is read. A diagonal tile (ti == tj) is computed whole and adds only K[r, c]; a
+// tile below the diagonal also adds the mirror K[c, r], which no block computes. So every entry of
+// K is written by exactly one thread of one block: no atomics.
 template <typename T>
-EGN_HD T gram_weight(const T* W, long long ldw, int r, int c, int s, T bias_add) {
-  return W ? W[(long long)(r / s) * ldw + c / s] + bias_add : T(1);
-}
-
-// Adds `value` = (X Xᵀ)[r, c]·weight to K for an entry of the tile pair (ti, tj), r = ti·TILE + lr,
-// c = tj·TILE + lc. A diagonal tile (ti == tj) is computed whole and adds only K[r, c]; a tile
-// below the diagonal also adds the mirror K[c, r], which no block computes. So every entry of K
-// is written by exactly one thread of one block: no atomics.
-template <typename T>
-EGN_HD void gram_store(T* K, long long ldk, int m, TilePair tile, int lr, int lc, T value) {
+EGN_HD void gram_store(T* K, long long ldk, int m, TilePair tile, int lr, int lc, T dot, const T* W, long long ldw,
+                       int s, T bias_add) {
   int r = tile.row * TILE + lr;
   int c = tile.col * TILE + lc;
   if (r >= m || c >= m) return;
+  T value = W ? dot * (W[(long long)(r / s) * ldw + c / s] + bias_add) : dot;
   K[(long long)r * ldk + c] += value;
   if (tile.row != tile.col) K[(long long)c * ldk + r] += value;
 }
