@@ -108,7 +108,7 @@ def cuda_extension() -> tuple[list, dict]:
         sources=SOURCES,
         include_dirs=[os.path.abspath("csrc"), include],
         library_dirs=[lib_dir],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O2", "-g0"], "nvcc": ["-O3", "-std=c++17"]},  # -g0: no debug info for torch headers
         extra_link_args=[f"-l:{lib_file}", f"-Wl,-rpath,{lib_dir}"],
     )
     return [extension], {"build_ext": OptionalBuildExtension}

@@ -1,9 +1,10 @@
 // Python bindings of egn_fast._C: argument checks, dtype mapping, workspaces from torch's caching
-// allocator and torch's current stream. The only file that includes torch headers.
-#include <torch/extension.h>
-
-#include <ATen/cuda/CUDAContext.h>
+// allocator and torch's current stream. The only file that includes torch headers, and only the
+// ATen/c10/pybind ones it needs (torch/extension.h alone costs ~45 s to parse on 2 cores).
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 #include <string>
@@ -13,18 +14,18 @@
 
 namespace {
 
-egn::DType dtype_of(const torch::Tensor& t, const char* op) {
+egn::DType dtype_of(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
-    case torch::kHalf: return egn::DType::f16;
-    case torch::kBFloat16: return egn::DType::bf16;
-    case torch::kFloat: return egn::DType::f32;
-    case torch::kDouble: return egn::DType::f64;
+    case at::kHalf: return egn::DType::f16;
+    case at::kBFloat16: return egn::DType::bf16;
+    case at::kFloat: return egn::DType::f32;
+    case at::kDouble: return egn::DType::f64;
     default: TORCH_CHECK_VALUE(false, "egn_fast._C.", op, ": unsupported dtype ", t.scalar_type());
   }
 }
 
 // The op runs on `ref`'s GPU; every tensor must be a contiguous CUDA tensor on that device.
-void check_cuda(const torch::Tensor& t, const torch::Tensor& ref, const char* op, const char* name) {
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), "egn_fast._C.", op, ": ", name, " is on ", t.device(),
                     "; the cuda backend needs CUDA tensors (use backend='torch' for CPU tensors)");
   TORCH_CHECK_VALUE(t.device() == ref.device(), "egn_fast._C.", op, ": ", name, " is on ", t.device(), " but ",
@@ -32,11 +33,11 @@ void check_cuda(const torch::Tensor& t, const torch::Tensor& ref, const char* op
   TORCH_CHECK_VALUE(t.is_contiguous(), "egn_fast._C.", op, ": ", name, " must be contiguous");
 }
 
-torch::Tensor device_bytes(size_t bytes, const torch::Tensor& ref) {
-  return torch::empty({(int64_t)std::max<size_t>(bytes, 1)}, ref.options().dtype(torch::kUInt8));
+at::Tensor device_bytes(size_t bytes, const at::Tensor& ref) {
+  return at::empty({(int64_t)std::max<size_t>(bytes, 1)}, ref.options().dtype(at::kByte));
 }
 
-void gram_rows(torch::Tensor K, const torch::Tensor& X, const std::optional<torch::Tensor>& W, int64_t s,
+void gram_rows(at::Tensor K, const at::Tensor& X, const std::optional<at::Tensor>& W, int64_t s,
                double bias_add, bool allow_tf32) {
   check_cuda(K, K, "gram_rows", "K");
   check_cuda(X, K, "gram_rows", "X");
@@ -52,11 +53,11 @@ void gram_rows(torch::Tensor K, const torch::Tensor& X, const std::optional<torc
   c10::cuda::CUDAGuard guard(K.device());
   egn::gram_rows(X.data_ptr(), dtype_of(X, "gram_rows"), (int)X.size(0), (int)X.size(1),
                  W ? W->data_ptr() : nullptr, W ? W->size(1) : 0, (int)s, bias_add, K.data_ptr(),
-                 dtype_of(K, "gram_rows"), K.size(1), allow_tf32, at::cuda::getCurrentCUDAStream());
+                 dtype_of(K, "gram_rows"), K.size(1), allow_tf32, c10::cuda::getCurrentCUDAStream());
 }
 
-std::tuple<torch::Tensor, std::optional<torch::Tensor>> backproject(const torch::Tensor& A, const torch::Tensor& G,
-                                                                    const torch::Tensor& u, bool bias) {
+std::tuple<at::Tensor, std::optional<at::Tensor>> backproject(const at::Tensor& A, const at::Tensor& G,
+                                                                    const at::Tensor& u, bool bias) {
   check_cuda(u, u, "backproject", "u");
   check_cuda(A, u, "backproject", "A");
   check_cuda(G, u, "backproject", "G");
@@ -65,25 +66,25 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>> backproject(const torch:
                     "egn_fast._C.backproject: expected A (b, T, in), G (b, s, T, out), u (b, s) with one factor dtype; "
                     "got ", A.sizes(), ", ", G.sizes(), ", ", u.sizes());
   c10::cuda::CUDAGuard guard(u.device());
-  auto dW = torch::empty({G.size(3), A.size(2)}, u.options());
-  std::optional<torch::Tensor> db;
-  if (bias) db = torch::empty({G.size(3)}, u.options());
+  auto dW = at::empty({G.size(3), A.size(2)}, u.options());
+  std::optional<at::Tensor> db;
+  if (bias) db = at::empty({G.size(3)}, u.options());
   egn::backproject(A.data_ptr(), G.data_ptr(), dtype_of(A, "backproject"), u.data_ptr(), dtype_of(u, "backproject"),
                    (int)G.size(0), (int)G.size(1), (int)G.size(2), (int)A.size(2), (int)G.size(3), dW.data_ptr(),
-                   db ? db->data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
+                   db ? db->data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
   return {dW, db};
 }
 
-void check_square(const torch::Tensor& A, const char* op) {
+void check_square(const at::Tensor& A, const char* op) {
   TORCH_CHECK_VALUE(A.dim() >= 2 && A.size(-1) == A.size(-2), "egn_fast._C.", op, ": expected square matrices, got ",
                     A.sizes());
-  TORCH_CHECK_VALUE(A.scalar_type() == torch::kFloat || A.scalar_type() == torch::kDouble, "egn_fast._C.", op,
+  TORCH_CHECK_VALUE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, "egn_fast._C.", op,
                     ": cuSOLVER needs float32 or float64, got ", A.scalar_type());
 }
 
 // A X = B for SPD A (m, m), B (m, k): (X, 0), or (None, info > 0) when potrf breaks down at
 // column info (the caller retries with jitter).
-std::tuple<std::optional<torch::Tensor>, int64_t> cholesky_solve(const torch::Tensor& A, const torch::Tensor& B) {
+std::tuple<std::optional<at::Tensor>, int64_t> cholesky_solve(const at::Tensor& A, const at::Tensor& B) {
   check_cuda(A, A, "cholesky_solve", "A");
   check_cuda(B, A, "cholesky_solve", "B");
   check_square(A, "cholesky_solve");
@@ -91,11 +92,11 @@ std::tuple<std::optional<torch::Tensor>, int64_t> cholesky_solve(const torch::Te
                     "egn_fast._C.cholesky_solve: expected A (m, m) and B (m, k) of one dtype; got ", A.sizes(), " and ",
                     B.sizes());
   c10::cuda::CUDAGuard guard(A.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   egn::DType dtype = dtype_of(A, "cholesky_solve");
   int64_t n = A.size(0);
   auto L = A.clone();
-  auto info = torch::zeros({1}, A.options().dtype(torch::kInt));
+  auto info = at::zeros({1}, A.options().dtype(at::kInt));
   egn::WorkspaceSize size = egn::potrf_workspace(dtype, n, L.data_ptr(), stream);
   auto workspace = device_bytes(size.device_bytes, A);
   egn::potrf(dtype, n, L.data_ptr(), workspace.data_ptr(), size, info.data_ptr<int>(), stream);
@@ -107,35 +108,35 @@ std::tuple<std::optional<torch::Tensor>, int64_t> cholesky_solve(const torch::Te
 }
 
 // Per-matrix Cholesky of A (batch, n, n): (L lower triangular, info (batch,) int32, 0 = success).
-std::tuple<torch::Tensor, torch::Tensor> cholesky_batched(const torch::Tensor& A) {
+std::tuple<at::Tensor, at::Tensor> cholesky_batched(const at::Tensor& A) {
   check_cuda(A, A, "cholesky_batched", "A");
   check_square(A, "cholesky_batched");
   TORCH_CHECK_VALUE(A.dim() == 3, "egn_fast._C.cholesky_batched: expected A (batch, n, n), got ", A.sizes());
   c10::cuda::CUDAGuard guard(A.device());
   int64_t batch = A.size(0), n = A.size(1);
   auto L = A.clone();
-  auto info = torch::zeros({batch}, A.options().dtype(torch::kInt));
+  auto info = at::zeros({batch}, A.options().dtype(at::kInt));
   if (batch == 0 || n == 0) return {L, info};
   // potrfBatched takes a device array of matrix pointers
-  auto pointers = torch::arange(batch, A.options().dtype(torch::kLong)) * (n * n * (int64_t)A.element_size()) +
+  auto pointers = at::arange(batch, A.options().dtype(at::kLong)) * (n * n * (int64_t)A.element_size()) +
                   (int64_t) reinterpret_cast<uintptr_t>(L.data_ptr());
   egn::potrf_batched(dtype_of(A, "cholesky_batched"), (int)n, reinterpret_cast<void**>(pointers.data_ptr()),
-                     info.data_ptr<int>(), (int)batch, at::cuda::getCurrentCUDAStream());
+                     info.data_ptr<int>(), (int)batch, c10::cuda::getCurrentCUDAStream());
   return {L.tril_(), info};
 }
 
 // Symmetric eigendecomposition of A (m, m): (evals ascending, evecs with eigenvectors as columns).
-std::tuple<torch::Tensor, torch::Tensor> eigh(const torch::Tensor& A) {
+std::tuple<at::Tensor, at::Tensor> eigh(const at::Tensor& A) {
   check_cuda(A, A, "eigh", "A");
   check_square(A, "eigh");
   TORCH_CHECK_VALUE(A.dim() == 2, "egn_fast._C.eigh: expected A (m, m), got ", A.sizes());
   c10::cuda::CUDAGuard guard(A.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   egn::DType dtype = dtype_of(A, "eigh");
   int64_t n = A.size(0);
   auto V = A.clone();
-  auto evals = torch::empty({n}, A.options());
-  auto info = torch::zeros({1}, A.options().dtype(torch::kInt));
+  auto evals = at::empty({n}, A.options());
+  auto info = at::zeros({1}, A.options().dtype(at::kInt));
   if (n == 0) return {evals, V};
   egn::WorkspaceSize size = egn::syevd_workspace(dtype, n, V.data_ptr(), evals.data_ptr(), stream);
   auto workspace = device_bytes(size.device_bytes, A);
