@@ -7,6 +7,7 @@ egn_fast.direction(backend="cuda") against the dense float64 oracle.
 """
 
 import copy
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -252,3 +253,14 @@ def test_direction_cuda_with_a_custom_loss_uses_batched_cholesky():
     want = dense_direction(model, x, y, loss, 0.1)
     d = egn_fast.direction(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), loss=loss, damping=0.1, backend="cuda")
     assert rel_err([t.cpu() for t in d], want) < 1e-8
+
+
+def test_benchmark_script_imports_and_parses_its_arguments(tmp_path):
+    spec = importlib.util.spec_from_file_location("kernels_cuda", os.path.join(ROOT, "benchmarks", "kernels_cuda.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--quick", "--repeats", "4", "--out", str(tmp_path)])
+    assert args.quick and args.repeats == 4 and args.out == tmp_path
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main(["--out", str(tmp_path)])
