@@ -11,6 +11,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	@$(PY) -c "import importlib.util as u; print('egn_fast._C (CUDA extension):', 'built' if u.find_spec('egn_fast._C') else 'not built, pure Python')"
 	touch $@
 
 test: $(VENV)/.installed
