@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,6 +76,16 @@ def test_backend_registered_and_rejects_cpu_tensors():
     for name, call in calls.items():
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             call()
+
+
+def test_missing_extension_gives_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "egn_fast._C", None)  # as if the build had been skipped
+    monkeypatch.delattr(egn_fast, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "egn_fast.ops.cuda_backend", raising=False)
+    monkeypatch.delitem(ops._INSTANCES, "cuda", raising=False)
+    with pytest.raises(ImportError, match="needs the CUDA extension egn_fast._C, which is not built"):
+        ops.get_backend("cuda", torch.device("cpu"))
+    assert ops.get_backend("torch", torch.device("cpu")).name == "torch"
 
 
 # ---------------------------------------------------------------------------- GPU only
