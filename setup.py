@@ -43,12 +43,13 @@ def find_cuda_home() -> str | None:
 
 
 def find_cusolver(cuda_home: str) -> tuple[str, str, str] | None:
-    """(include dir, library dir, library file name) of cuSOLVER: the toolkit's, else the nvidia wheels'.
+    """(include dir, library dir, library file name) of cuSOLVER: the nvidia wheels' (the one torch
+    itself loads), else the toolkit's.
 
     The wheels ship the library only under a versioned name (libcusolver.so.12), so the linker is
     given that exact file (-l:libcusolver.so.12).
     """
-    roots = [cuda_home]
+    roots = []
     try:
         import nvidia  # namespace package of the nvidia-* wheels that torch depends on
 
@@ -56,6 +57,7 @@ def find_cusolver(cuda_home: str) -> tuple[str, str, str] | None:
             roots += sorted(glob.glob(os.path.join(base, "*")))
     except ImportError:
         pass
+    roots.append(cuda_home)
     for root in roots:
         include = os.path.join(root, "include")
         for lib_dir in (os.path.join(root, "lib"), os.path.join(root, "lib64")):

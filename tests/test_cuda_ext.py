@@ -78,6 +78,23 @@ def test_backend_registered_and_rejects_cpu_tensors():
             call()
 
 
+def test_reference_cholesky_batched_and_eigh():
+    """The torch implementations of the two ops this extension added to the op set (CPU)."""
+    g = torch.Generator().manual_seed(19)
+    X = torch.randn(6, 5, 7, generator=g, dtype=torch.float64)
+    A = X @ X.mT + 0.1 * torch.eye(5, dtype=torch.float64)
+    A[2] = -A[2]
+    L, info = torch_backend.cholesky_batched(A)
+    assert (info > 0).tolist() == [False, False, True, False, False, False]
+    ok = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(L[ok] @ L[ok].mT, A[ok])
+    assert torch.equal(L[ok], L[ok].tril())
+    evals, V = torch_backend.eigh(A[0])
+    assert torch.all(evals[1:] >= evals[:-1])
+    torch.testing.assert_close(V @ torch.diag(evals) @ V.T, A[0])
+    assert ops.Backend.cholesky_batched is torch_backend.cholesky_batched and ops.Backend.eigh is torch_backend.eigh
+
+
 def test_missing_extension_gives_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "egn_fast._C", None)  # as if the build had been skipped
     monkeypatch.delattr(egn_fast, "_C", raising=False)
