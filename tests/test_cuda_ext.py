@@ -269,6 +269,18 @@ def test_direction_cuda_matches_dense_oracle(kind, loss):
 
 
 @needs_gpu
+@pytest.mark.parametrize("kind", ["mlp", "seq_linear"])
+def test_direction_cuda_float32_within_1e_4(cuda, kind):
+    model, x = make(kind, True, 20)
+    y = targets("cross_entropy", seed=20)
+    want = dense_direction(model, x, y, resolve_loss("cross_entropy"), 0.1)
+    gpu = copy.deepcopy(model).float().cuda()
+    d = egn_fast.direction(gpu, x.float().cuda(), y.cuda(), loss="cross_entropy", damping=0.1, backend="cuda")
+    assert all(t.dtype == torch.float32 for t in d)
+    assert rel_err([t.double().cpu() for t in d], want) < 1e-4
+
+
+@needs_gpu
 def test_direction_cuda_with_a_custom_loss_uses_batched_cholesky():
     load_extension()
     model, x = make("mlp", True, 18)
