@@ -6,11 +6,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: test demo bench gpu-check clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml setup.py
+# csrc/ sources are dependencies: editing a kernel rebuilds the extension egn_fast._C.
+$(VENV)/.installed: requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	@$(PY) -c "import importlib.util as u; print('egn_fast._C (CUDA extension):', 'built' if u.find_spec('egn_fast._C') else 'not built, pure Python')"
 	touch $@
 
 test: $(VENV)/.installed
@@ -28,4 +30,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info egn_fast/_C*.so

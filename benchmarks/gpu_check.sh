@@ -2,7 +2,7 @@
 # `make gpu-check`, on a machine with a CUDA GPU (no package registry needed): install the package
 # (which builds its CUDA extension where setup.py has one), run the GPU tests, benchmark the
 # kernels, and print the summary table last. Aimed at under 8 minutes on an H100.
-# Results: benchmarks/results/kernels_<gpu>_quick.{json,md} and gpu_check_tests.log, copied to
+# Results: benchmarks/results/kernels_<gpu>_quick.{json,md}, kernels_cuda_<gpu>*.{json,md} and logs, copied to
 # $OUT when it is set. GPU_CHECK_FULL=1 benchmarks the full shape grid instead (longer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,15 +32,19 @@ set -e
 echo "== kernel benchmark"
 if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then bench_args=(); else bench_args=(--quick); fi
 set +e
-timeout 300 "$PYTHON" benchmarks/kernels.py "${bench_args[@]}" --out "$RESULTS" > "$RESULTS/gpu_check_bench.log" 2>&1
+timeout 240 "$PYTHON" benchmarks/kernels.py "${bench_args[@]}" --out "$RESULTS" > "$RESULTS/gpu_check_bench.log" 2>&1
 bench_rc=$?
-set -e
 tail -n 5 "$RESULTS/gpu_check_bench.log"
+echo "== CUDA extension benchmark (cuSOLVER vs torch.linalg, cuda kernels vs torch)"
+timeout 120 "$PYTHON" benchmarks/kernels_cuda.py "${bench_args[@]}" --out "$RESULTS" > "$RESULTS/gpu_check_bench_cuda.log" 2>&1
+cuda_rc=$?
+set -e
+tail -n 5 "$RESULTS/gpu_check_bench_cuda.log"
 
 if [ -n "${OUT:-}" ]; then
     find "$RESULTS" -maxdepth 1 -type f -newer "$start" -exec cp {} "$OUT"/ \;
 fi
-echo "== summary: tests exit $tests_rc, benchmark exit $bench_rc"
-table=$(find "$RESULTS" -maxdepth 1 -name 'kernels_*.md' -newer "$start" | head -n 1)
-if [ -n "$table" ]; then cat "$table"; else echo "no benchmark table was written"; fi
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+echo "== summary: tests exit $tests_rc, kernel benchmark exit $bench_rc, cuda benchmark exit $cuda_rc"
+tables=$(find "$RESULTS" -maxdepth 1 -name 'kernels_*.md' -newer "$start" | sort)
+if [ -n "$tables" ]; then cat $tables; else echo "no benchmark table was written"; fi
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$cuda_rc" = 0 ]

@@ -96,7 +96,7 @@ class RowSpaceSystem:
 
     def eigen(self, solve_dtype: torch.dtype | None = None) -> EigenSolver:
         """K = VΛVᵀ once; then `solve_eigen(eig, λ)` costs O(m²) per λ."""
-        return EigenSolver(self.K, solve_dtype)
+        return EigenSolver(self.K, solve_dtype, self.backend)
 
     def solve_eigen(self, eig: EigenSolver, damping: float) -> Solution:
         """γ for damping λ > 0 from a precomputed eigendecomposition of K."""
@@ -332,7 +332,7 @@ def build_system(
 
     t0 = time.perf_counter()
     targets = loss_fn.check_targets(f_flat, targets)
-    head = loss_fn.head(f_flat.detach(), targets)
+    head = loss_fn.head(f_flat.detach(), targets, ops)
     if not torch.isfinite(head.per_sample).all():
         raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
     s = head.S.shape[2]

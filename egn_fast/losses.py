@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .ops import Backend
+
 __all__ = [
     "LossHead",
     "Loss",
@@ -53,7 +55,9 @@ class LossHead:
 class Loss:
     """Base class of loss heads.
 
-    Subclasses implement `per_sample(outputs, targets) -> (b,)` and `head(outputs, targets)`.
+    Subclasses implement `per_sample(outputs, targets) -> (b,)` and `head(outputs, targets, backend)`;
+    `backend` supplies the ops for a head's batched linear algebra (AutogradLoss's Cholesky;
+    None = torch), closed-form heads do not need it.
     A custom loss only needs `per_sample` and `residual_and_factor`; `head` then finds w by a
     batched least-squares solve of S w = r (exact when r lies in range(S), as it must).
     `outputs` is always (b, c) here; `targets` has been checked by `check_targets`.
@@ -83,7 +87,7 @@ class Loss:
         """Return r (b, c) and S (b, c, s) with S_i S_iᵀ = ∂²ℓ_i/∂f_i²."""
         raise NotImplementedError
 
-    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
         with torch.no_grad():
             r, S = self.residual_and_factor(outputs, targets)
             w = torch.linalg.lstsq(S, r.unsqueeze(-1)).solution.squeeze(-1)
@@ -98,7 +102,7 @@ class MSELoss(Loss):
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return 0.5 * (outputs - targets).square().sum(1)
 
-    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
         with torch.no_grad():
             b, c = outputs.shape
             r = outputs - targets
@@ -144,7 +148,7 @@ class CrossEntropyLoss(Loss):
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return -torch.log_softmax(outputs, 1).gather(1, targets[:, None]).squeeze(1)
 
-    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
         with torch.no_grad():
             b, c = outputs.shape
             logp = torch.log_softmax(outputs, 1)
@@ -191,7 +195,7 @@ class BCEWithLogitsLoss(Loss):
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return (torch.nn.functional.softplus(outputs) - targets * outputs).sum(1)
 
-    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
         with torch.no_grad():
             p = torch.sigmoid(outputs)
             q = (p * torch.sigmoid(-outputs)).clamp(min=torch.finfo(p.dtype).tiny)
@@ -229,7 +233,9 @@ class AutogradLoss(Loss):
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.func.vmap(self.fn)(outputs, targets)
 
-    def residual_and_factor(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def residual_and_factor(
+        self, outputs: Tensor, targets: Tensor, backend: Backend | None = None
+    ) -> tuple[Tensor, Tensor]:
         r = torch.func.vmap(torch.func.grad(self.fn))(outputs, targets)
         Q = torch.func.vmap(torch.func.hessian(self.fn))(outputs, targets)
         Q = 0.5 * (Q + Q.transpose(1, 2))
@@ -237,7 +243,7 @@ class AutogradLoss(Loss):
         scale = Q.diagonal(dim1=1, dim2=2).abs().mean(1).clamp(min=torch.finfo(Q.dtype).tiny)
         eps = self.jitter
         for _ in range(5):
-            S, info = torch.linalg.cholesky_ex(Q + (eps * scale)[:, None, None] * eye)
+            S, info = (backend or Backend()).cholesky_batched(Q + (eps * scale)[:, None, None] * eye)
             if not info.any():
                 return r, S
             eps *= 10.0
@@ -247,9 +253,9 @@ class AutogradLoss(Loss):
             "(Gauss-Newton needs a loss that is convex in the outputs)"
         )
 
-    def head(self, outputs: Tensor, targets: Tensor) -> LossHead:
+    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
         with torch.no_grad():
-            r, S = self.residual_and_factor(outputs, targets)
+            r, S = self.residual_and_factor(outputs, targets, backend)
             w = torch.linalg.solve_triangular(S, r.unsqueeze(-1), upper=False).squeeze(-1)
             return LossHead(self.per_sample(outputs, targets), r, S, w)
 

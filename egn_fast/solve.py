@@ -74,12 +74,13 @@ def damped_solve(
 class EigenSolver:
     """K = VΛVᵀ once (O(m³)); then γ(shift) = V (Λ + shift)⁻¹ Vᵀ rhs in O(m²) per shift.
 
-    K: (m, m) symmetric PSD. Negative eigenvalues from rounding are clipped to 0.
+    K: (m, m) symmetric PSD. Negative eigenvalues from rounding are clipped to 0. The
+    decomposition runs on `backend` (default: torch).
     """
 
-    def __init__(self, K: Tensor, solve_dtype: torch.dtype | None = None):
+    def __init__(self, K: Tensor, solve_dtype: torch.dtype | None = None, backend: Backend | None = None):
         self.dtype = K.dtype
-        evals, self.V = torch.linalg.eigh(K.to(solve_dtype or K.dtype))
+        evals, self.V = (backend or Backend()).eigh(K.to(solve_dtype or K.dtype))
         self.evals = evals.clamp(min=0)
 
     def solve(self, rhs: Tensor, shift: float) -> Tensor:

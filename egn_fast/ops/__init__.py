@@ -9,6 +9,8 @@ Every backend implements the same op set (shapes in `torch_backend`):
     backproject(A, G, u, bias)         J̃ᵀu of a (sequence) linear layer
     backproject_embedding(tokens, G, u, num_embeddings)
     cholesky_solve(A, B)               SPD solve, (X, info)
+    cholesky_batched(A)                per-matrix Cholesky of a batch, (L, info)
+    eigh(A)                            symmetric eigendecomposition, (evals, evecs)
 
 `Backend` itself is the torch backend (the reference, CPU and GPU); an accelerated backend
 subclasses it, overrides the ops it implements, and registers itself with `register_backend`.
@@ -41,6 +43,8 @@ class Backend:
     backproject = staticmethod(torch_backend.backproject)
     backproject_embedding = staticmethod(torch_backend.backproject_embedding)
     cholesky_solve = staticmethod(torch_backend.cholesky_solve)
+    cholesky_batched = staticmethod(torch_backend.cholesky_batched)
+    eigh = staticmethod(torch_backend.eigh)
 
     @staticmethod
     def supports(device: torch.device) -> bool:
@@ -116,10 +120,19 @@ def _auto_backend(device: torch.device) -> Backend:
     return composite()
 
 
-def _make_triton() -> Backend:
+def _triton_backend() -> Backend:
+    """The Triton kernels backend; ImportError when triton is not installed."""
     from .triton_backend import TritonBackend  # imports triton: ImportError when it is missing
 
     return TritonBackend()
 
 
-register_backend("triton", _make_triton)
+def _cuda_backend() -> Backend:
+    """The CUDA extension backend (egn_fast._C); ImportError when the extension was not built."""
+    from .cuda_backend import CudaBackend
+
+    return CudaBackend()
+
+
+register_backend("triton", _triton_backend)
+register_backend("cuda", _cuda_backend)

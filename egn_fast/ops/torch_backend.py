@@ -161,3 +161,15 @@ def cholesky_solve(A: Tensor, B: Tensor) -> tuple[Tensor | None, int]:
     # two triangular solves: torch.cholesky_solve copies L through tril first (slower on CPU)
     Y = torch.linalg.solve_triangular(L, B, upper=False)
     return torch.linalg.solve_triangular(L.mT, Y, upper=True), 0
+
+
+def cholesky_batched(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky factors of a batch of SPD matrices A (batch, n, n) -> (L, info): L (batch, n, n)
+    lower triangular with L Lᵀ = A, info (batch,) int32, > 0 where a matrix is not numerically SPD."""
+    return torch.linalg.cholesky_ex(A)
+
+
+def eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition of A (m, m) -> (evals (m,) ascending, evecs (m, m) with the
+    eigenvectors as columns)."""
+    return torch.linalg.eigh(A)
