@@ -8,7 +8,7 @@ warm-up) and checked against the torch result (rel err):
                    m = 256 … 8192, fp32 and fp64
     cholesky_batched, eigh  cuSOLVER potrfBatched / syevd vs torch.linalg
 Writes <out>/kernels_cuda_<gpu>.json and .md (default out: benchmarks/results). Needs a CUDA GPU
-and the built extension. (The Triton rows are in benchmarks/kernels.py; the lead merges the two.)
+and the built extension. (The Triton rows, and these kernels against an equal-FLOP cuBLAS GEMM, are in benchmarks/kernels.py.)
 """
 
 from __future__ import annotations
