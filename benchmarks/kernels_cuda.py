@@ -23,6 +23,10 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# The solver ops only this script measures; kernels.py writes the Gram/back-projection entries of
+# the auto table (it times triton and cuda side by side there).
+SOLVER_OPS = ("cholesky_solve", "cholesky_batched", "eigh")
+AUTO_MIN_SPEEDUP = 1.05  # as in kernels.py: a backend must beat torch by 5 % (median) to be chosen
 SOLVE_SIZES = [256, 512, 1024, 2048, 4096, 8192]
 # (b, s, in, out): an MLP layer with MSE (s = 1), a CE head (s = 9) and a wide layer
 GRAM_SHAPES = [(1024, 1, 1024, 1024), (256, 9, 512, 512), (512, 4, 4096, 1024)]
@@ -35,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per row (default 20)")
     parser.add_argument("--quick", action="store_true", help="3 repeats and m ≤ 1024, for a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
+    parser.add_argument("--write-auto-table", action="store_true",
+                        help="send the solver ops of egn_fast/ops/auto_table.json to cuda where it is faster")
     return parser.parse_args(argv)
 
 
@@ -122,6 +128,21 @@ def solver_rows(cuda, reference, sizes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def write_solver_auto_table(rows: list[dict], gpu: str, path: Path) -> dict:
+    """Set the CUDA entry of each solver op in auto_table.json: "cuda" if its median speed-up over
+    torch across the measured sizes and dtypes is ≥ AUTO_MIN_SPEEDUP, else "torch"."""
+    table = json.loads(path.read_text())
+    choices = table["devices"].setdefault("cuda", {})
+    speedups = []
+    for op in SOLVER_OPS:
+        x = statistics.median(r["speedup"] for r in rows if r["op"] == op)
+        choices[op] = "cuda" if x >= AUTO_MIN_SPEEDUP else "torch"
+        speedups.append(f"{op}/cuda {x:.2f}×")
+    table["solver_note"] = f"cuda solver choices from benchmarks/kernels_cuda.py on {gpu}: " + ", ".join(speedups)
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Kernel benchmark: cuda backend vs torch backend on {report['gpu']}", "",
              f"torch {report['torch']}, CUDA {report['cuda']}; median of {report['repeats']} calls; "
@@ -152,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
+    if args.write_auto_table:
+        from egn_fast.ops import AUTO_TABLE_PATH
+
+        print("auto table:", json.dumps(write_solver_auto_table(rows, gpu, AUTO_TABLE_PATH)["devices"]["cuda"]))
 
 
 if __name__ == "__main__":

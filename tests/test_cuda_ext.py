@@ -8,6 +8,7 @@ egn_fast.direction(backend="cuda") against the dense float64 oracle.
 
 import copy
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -295,10 +296,28 @@ def test_direction_cuda_with_a_custom_loss_uses_batched_cholesky():
     assert rel_err([t.cpu() for t in d], want) < 1e-8
 
 
-def test_benchmark_script_imports_and_parses_its_arguments(tmp_path):
+def _benchmark_module():
     spec = importlib.util.spec_from_file_location("kernels_cuda", os.path.join(ROOT, "benchmarks", "kernels_cuda.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_solver_auto_table_follows_the_median_speedup(tmp_path):
+    bench = _benchmark_module()
+    table = tmp_path / "auto_table.json"
+    table.write_text(json.dumps({"devices": {"cuda": {"gram_dense": "triton", "eigh": "cuda"}, "cpu": {}}}))
+    rows = [{"op": "cholesky_solve", "speedup": x} for x in (0.9, 1.2, 1.3)]
+    rows += [{"op": "cholesky_batched", "speedup": x} for x in (1.04, 3.0, 0.5)]
+    rows += [{"op": "eigh", "speedup": 0.8}, {"op": "gram_dense", "speedup": 0.1}]
+    written = bench.write_solver_auto_table(rows, "Test GPU", table)
+    want = {"gram_dense": "triton", "cholesky_solve": "cuda", "cholesky_batched": "torch", "eigh": "torch"}
+    assert written["devices"]["cuda"] == want and json.loads(table.read_text()) == written
+    assert "cholesky_solve/cuda 1.20×" in written["solver_note"]
+
+
+def test_benchmark_script_imports_and_parses_its_arguments(tmp_path):
+    bench = _benchmark_module()
     args = bench.parse_args(["--quick", "--repeats", "4", "--out", str(tmp_path)])
     assert args.quick and args.repeats == 4 and args.out == tmp_path
     if not torch.cuda.is_available():
