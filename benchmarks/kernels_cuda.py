@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernels.py beside this file
+from kernels import AUTO_MIN_SPEEDUP, gpu_slug, median_ms  # noqa: E402  the same timer, file names and threshold
+
 REPO = Path(__file__).resolve().parent.parent
 # The solver ops only this script measures; kernels.py writes the Gram/back-projection entries of
 # the auto table (it times triton and cuda side by side there).
 SOLVER_OPS = ("cholesky_solve", "cholesky_batched", "eigh")
-AUTO_MIN_SPEEDUP = 1.05  # as in kernels.py: a backend must beat torch by 5 % (median) to be chosen
 SOLVE_SIZES = [256, 512, 1024, 2048, 4096, 8192]
 # (b, s, in, out): an MLP layer with MSE (s = 1), a CE head (s = 9) and a wide layer
 GRAM_SHAPES = [(1024, 1, 1024, 1024), (256, 9, 512, 512), (512, 4, 4096, 1024)]
@@ -44,21 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of fn() on the current stream, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30))
 
@@ -66,7 +53,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def row(op: str, shape: str, dtype: str, cuda_fn: Callable, torch_fn: Callable, repeats: int) -> dict:
     """Time both implementations; cuda_fn/torch_fn return the tensor they compare on."""
     err = rel_err(cuda_fn(), torch_fn())
-    cuda_ms, torch_ms = time_ms(cuda_fn, repeats), time_ms(torch_fn, repeats)
+    cuda_ms, torch_ms = median_ms(cuda_fn, 2, repeats), median_ms(torch_fn, 2, repeats)
     result = {"op": op, "shape": shape, "dtype": dtype, "cuda_ms": cuda_ms, "torch_ms": torch_ms,
               "speedup": torch_ms / cuda_ms, "rel_err": err}
     print(f"{op:16s} {shape:28s} {dtype:6s} cuda {cuda_ms:8.3f} ms  torch {torch_ms:8.3f} ms  ×{result['speedup']:.2f}  err {err:.1e}")
@@ -169,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.get_device_name(device)
     report = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "repeats": repeats, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels_cuda_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}"
+    stem = args.out / f"kernels_cuda_{gpu_slug(gpu)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
