@@ -83,6 +83,12 @@ class Loss:
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def batch_mean(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """L = (1/b) Σ ℓ_i for model outputs (b, …) flattened to (b, c) and targets as given
+        (checked here); differentiable, so baselines train on exactly the loss EGN minimizes."""
+        f = outputs.reshape(outputs.shape[0], -1)
+        return self.per_sample(f, self.check_targets(f, targets)).mean()
+
     def residual_and_factor(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Return r (b, c) and S (b, c, s) with S_i S_iᵀ = ∂²ℓ_i/∂f_i²."""
         raise NotImplementedError

@@ -346,9 +346,7 @@ class EGN(torch.optim.Optimizer):
         self.egn_state["momentum_steps"] += 1
 
     def _loss_at(self, forward: Closure) -> float:
-        out, targets = forward()
-        f = out.reshape(out.shape[0], -1)
-        return float(self.loss_fn.per_sample(f, self.loss_fn.check_targets(f, targets)).mean())
+        return float(self.loss_fn.batch_mean(*forward()))
 
     def _search(
         self, forward: Closure, params: list[nn.Parameter], steps: list[Tensor], saved: list[Tensor], loss: float, g_dot_s: float

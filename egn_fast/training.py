@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .losses import resolve_loss
 from .optim import EGN
 
 __all__ = [
@@ -156,16 +157,10 @@ def make_optimizer(name: str, model: nn.Module, loss: str, lr: float | None = No
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
-def _loss_fn(task: str) -> Callable[[Tensor, Tensor], Tensor]:
-    if task == "regression":
-        return lambda f, y: 0.5 * (f - y).pow(2).sum(1).mean()
-    return nn.functional.cross_entropy
-
-
 @torch.no_grad()
 def _evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
     """(loss on the whole training set, test metric)."""
-    train_loss = float(_loss_fn(data.task)(model(data.X_train), data.y_train))
+    train_loss = float(resolve_loss(data.loss).batch_mean(model(data.X_train), data.y_train))
     f = model(data.X_test)
     if data.task == "regression":
         return train_loss, float((f - data.y_test).pow(2).mean())
@@ -190,7 +185,7 @@ def train(
         raise ValueError("steps, batch_size and eval_every must be ≥ 1")
     model = make_mlp(data.X_train.shape[1], hidden, data.num_outputs, seed)
     opt = make_optimizer(optimizer, model, data.loss, lr, **egn_options)
-    loss_fn = _loss_fn(data.task)
+    loss_fn = resolve_loss(data.loss)
     gen = torch.Generator().manual_seed(seed)
     n = len(data.X_train)
     batch_size = min(batch_size, n)
@@ -216,7 +211,7 @@ def train(
             opt.step(x, y)
         else:
             opt.zero_grad()
-            loss_fn(model(x), y).backward()
+            loss_fn.batch_mean(model(x), y).backward()
             opt.step()
         hist.train_seconds += time.perf_counter() - t0
         if step % eval_every == 0 or step == steps:
