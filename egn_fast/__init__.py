@@ -7,6 +7,11 @@
 
 returns d = −(H + λI)⁻¹g with H = (1/b)JᵀQJ and g = (1/b)Jᵀr for the batch-mean loss, computed
 as d = −J̃ᵀ(K + bλI)⁻¹w with K = J̃J̃ᵀ formed from per-layer activations and output-gradients.
+
+    opt = egn_fast.SGN(model, loss="cross_entropy", damping=1.0, cg_iters=10)
+
+is the conjugate-gradient baseline (SGN): d ≈ −(H + λI)⁻¹g by CG on matrix-free products
+Hv = (1/b)J̃ᵀ(J̃v), with J̃v from `row_jvp`.
 """
 
 from . import ops
@@ -19,9 +24,11 @@ from .direction import (
     build_system,
     direction,
     direction_with_info,
+    row_jvp,
 )
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, LossHead, MSELoss
 from .optim import EGN, AdaptiveDamping, ArmijoLineSearch, EGNPreconditioner, StepInfo
+from .sgn import SGN, SGNInfo
 from .solve import EigenSolver, SolveError, damped_solve
 
 __version__ = "0.1.0"
@@ -32,10 +39,13 @@ __all__ = [
     "StepInfo",
     "ArmijoLineSearch",
     "AdaptiveDamping",
+    "SGN",
+    "SGNInfo",
     "NonFiniteError",
     "direction",
     "direction_with_info",
     "build_system",
+    "row_jvp",
     "RowSpaceSystem",
     "Solution",
     "DirectionResult",

@@ -3,8 +3,10 @@
     egn-fast demo                      EGN vs Adam vs SGD on scikit-learn's bundled diabetes
                                        (regression) and digits (classification); no download
     egn-fast train --data PATH.npz --task regression|classification --optimizer egn,adam
+    egn-fast bench                     the quick versions of benchmarks/convergence.py and
+                                       benchmarks/step_time.py (needs the source checkout)
 
-Both print a progress bar, a final table (train loss, test metric, wall time, steps/s), and write
+demo and train print a progress bar, a final table (train loss, test metric, wall time, steps/s), and write
 the table (markdown), the curves (JSON) and a PNG plot into --out.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -72,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--test-fraction", type=float, default=0.2)
     _add_common(tr, steps=500)
     tr.set_defaults(out_default=Path("egn_fast_train"))
+    bench = sub.add_parser("bench", help="quick convergence + step-time benchmarks (from the source checkout)")
+    bench.add_argument("--out", type=Path, default=Path("egn_fast_bench"), help="results directory (default %(default)s)")
+    bench.add_argument("--data-dir", type=Path, default=None, help="directory with the datasets' .npz files "
+                       "(default: the benchmarks' own default, ../shared/data from the checkout)")
     return parser
 
 
@@ -111,8 +119,33 @@ def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespac
     return 0
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run the quick versions of the benchmark scripts, one after the other, in this interpreter."""
+    scripts = [BENCHMARKS / "convergence.py", BENCHMARKS / "step_time.py"]
+    missing = [str(s) for s in scripts if not s.exists()]
+    if missing:
+        raise SystemExit(
+            f"egn-fast bench: {missing} not found; the benchmarks live in the source checkout "
+            "(git clone the repository and `pip install -e .` from it)"
+        )
+    extra = ["--out", str(args.out.resolve())] + ([] if args.data_dir is None else ["--data-dir", str(args.data_dir.resolve())])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))}
+    for script in scripts:
+        print(f"egn-fast bench: {script.name} --quick", flush=True)
+        code = subprocess.call([sys.executable, str(script), "--quick", *extra], env=env)
+        if code:
+            return code
+    print(f"egn-fast bench: results in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "demo":
         datasets = [training.sklearn_dataset(name, seed=args.seed) for name in DEMO_DATASETS]
         return _run(datasets, list(training.OPTIMIZERS), args)

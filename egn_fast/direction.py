@@ -5,7 +5,8 @@
 
 `build_system` runs the first four stages and returns a `RowSpaceSystem` (K, w and the layer
 factors); its `solve` and `backproject` run the last two, so several λ can be tried on one
-capture. `direction` and `direction_with_info` do all of it.
+capture. `direction` and `direction_with_info` do all of it. `row_jvp` is the other product,
+J̃v, for matrix-free methods (and curvature checks) that need Hv = (1/b)J̃ᵀ(J̃v).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = [
     "DirectionResult",
     "NonFiniteError",
     "build_system",
+    "row_jvp",
+    "row_jvp_fn",
     "direction",
     "direction_with_info",
 ]
@@ -67,13 +70,13 @@ class Solution:
 class RowSpaceSystem:
     """Everything the solve and back-projection need, after one capture.
 
-    K (m, m) symmetric Gram J̃J̃ᵀ in fp32/fp64; w (m,); head: the loss head at the current
-    parameters; factors: per-layer factors; params: the trainable parameters in
-    model.parameters() order.
+    K (m, m) symmetric Gram J̃J̃ᵀ in fp32/fp64 (None when built with gram=False: then only
+    `backproject` works); w (m,); head: the loss head at the current parameters; factors:
+    per-layer factors; params: the trainable parameters in model.parameters() order.
     """
 
     params: list[nn.Parameter]
-    K: Tensor
+    K: Tensor | None
     w: Tensor
     b: int
     s: int
@@ -87,23 +90,28 @@ class RowSpaceSystem:
         """The batch loss L(w) at the parameters the system was built at."""
         return float(self.head.value)
 
+    def _gram(self) -> Tensor:
+        if self.K is None:
+            raise ValueError("this system was built with gram=False; build it with gram=True to solve")
+        return self.K
+
     def solve(self, damping: float, solve_dtype: torch.dtype | None = None) -> Solution:
         """γ for damping λ ≥ 0 (Cholesky with jitter retry), with its by-products."""
         if not damping >= 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}")
-        res = damped_solve(self.K, self.w, self.b * damping, self.backend, solve_dtype)
+        res = damped_solve(self._gram(), self.w, self.b * damping, self.backend, solve_dtype)
         return self._solution(damping, res.gamma, res.jitter)
 
     def eigen(self, solve_dtype: torch.dtype | None = None) -> EigenSolver:
         """K = VΛVᵀ once; then `solve_eigen(eig, λ)` costs O(m²) per λ."""
-        return EigenSolver(self.K, solve_dtype, self.backend)
+        return EigenSolver(self._gram(), solve_dtype, self.backend)
 
     def solve_eigen(self, eig: EigenSolver, damping: float) -> Solution:
         """γ for damping λ > 0 from a precomputed eigendecomposition of K."""
         return self._solution(damping, eig.solve(self.w, self.b * damping), 0.0)
 
     def _solution(self, damping: float, gamma: Tensor, jitter: float) -> Solution:
-        Kg = self.K @ gamma
+        Kg = self._gram() @ gamma
         b = self.b
         return Solution(
             damping=damping,
@@ -279,6 +287,7 @@ def build_system(
     backend: str = "auto",
     seq_method: str = "auto",
     timings: bool = False,
+    gram: bool = True,
 ) -> RowSpaceSystem:
     """Capture, loss head, batched backward and Gram: the row-space system at the current parameters.
 
@@ -288,6 +297,9 @@ def build_system(
     params: the parameters J is taken with respect to (default: all with requires_grad); the rest
     of the model is held fixed.
     seq_method: "auto" (cost model per layer) | "ghost" | "per_sample" for sequence layers.
+    gram=False stops after the layer factors (K is None): for callers that only need J̃ᵀu
+    (`backproject`) and J̃v (`row_jvp`), it saves the Σ_l (m²·out_l + b²·in_l) Gram work and the
+    m×m memory. Non-finite factors are then not detected here (the Gram's diagonal is the check).
     The model's parameters, buffers and .grad fields are left untouched.
     """
     forward = forward_of(model, inputs, targets, closure)
@@ -347,9 +359,9 @@ def build_system(
 
     t0 = time.perf_counter()
     with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
-        K, factors = _gram(plan, capture, b, s, acc_dtype, seq_method, ops, device)
+        K, factors = _gram(plan, capture, b, s, acc_dtype, seq_method, ops, device, gram)
     # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
-    if not torch.isfinite(K.diagonal().sum()):
+    if K is not None and not torch.isfinite(K.diagonal().sum()):
         raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
     _sync(device)
     clock["gram"] = time.perf_counter() - t0
@@ -358,9 +370,11 @@ def build_system(
 
 
 def _gram(
-    plan: _Plan, capture: Capture, b: int, s: int, acc_dtype: torch.dtype, seq_method: str, ops: Backend, device: torch.device
-) -> tuple[Tensor, list[Factors]]:
-    """Layer factors from the captured calls, and K = Σ_layers J̃_l J̃_lᵀ (m, m), symmetric."""
+    plan: _Plan, capture: Capture, b: int, s: int, acc_dtype: torch.dtype, seq_method: str, ops: Backend,
+    device: torch.device, gram: bool = True,
+) -> tuple[Tensor | None, list[Factors]]:
+    """Layer factors from the captured calls, and K = Σ_layers J̃_l J̃_lᵀ (m, m), symmetric
+    (None when gram=False)."""
     factors: list[Factors] = []
     for name, m, rule in plan.specific:
         f = rule(m, capture.calls[m], RuleContext(name, b, s, acc_dtype, seq_method))
@@ -372,10 +386,63 @@ def _gram(
             factors.append(f)
     capture.calls.clear()
     factors = merge_shared(factors, acc_dtype)
+    if not gram:
+        return None, factors
     K = torch.zeros(b * s, b * s, dtype=acc_dtype, device=device)
     for f in factors:
         f.add_gram(K, ops)
     return K, factors
+
+
+def row_jvp_fn(system: RowSpaceSystem, forward: Closure) -> Callable[[list[Tensor]], Tensor]:
+    """Linearize the model once at the current parameters; return v ↦ J̃v (see `row_jvp`).
+
+    Runs `forward` once and one reverse pass with create_graph=True; each call of the returned
+    function is then one more reverse pass (through the first one), so an iterative method pays
+    the forward only once. The graph is kept alive by the returned function: drop it when done.
+    The parameters must not change while it is in use.
+    """
+    with torch.enable_grad():  # callers are usually optimizer steps under no_grad
+        out, _ = forward()
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != system.b:
+            raise ValueError(f"forward() must return outputs of batch size {system.b}, as when the system was built")
+        f = out.reshape(out.shape[0], -1)
+        if f.shape[1] != system.head.S.shape[1]:
+            raise ValueError(f"forward() returned {f.shape[1]} outputs per sample; the system has {system.head.S.shape[1]}")
+        # Jᵀu is linear in u, so ∂/∂u ⟨Jᵀu, v⟩ = Jv at any u: u = 0 is as good as any and keeps
+        # the values out of the graph. Unused parameters get None (their columns of J are 0).
+        u = torch.zeros_like(f, requires_grad=True)
+        JTu = torch.autograd.grad(f, system.params, u, create_graph=True, allow_unused=True)
+    S = system.head.S  # (b, c, s)
+
+    def jvp(steps: list[Tensor]) -> Tensor:
+        if len(steps) != len(system.params):
+            raise ValueError(f"expected {len(system.params)} tensors shaped like system.params, got {len(steps)}")
+        with torch.enable_grad():
+            inner = sum(((g * v).sum() for g, v in zip(JTu, steps) if g is not None and g.requires_grad), f.new_zeros(()))
+            # retain_graph: the graph of JᵀU is reused by every call
+            (Jv,) = torch.autograd.grad(inner, u, retain_graph=True, allow_unused=True) if inner.requires_grad else (None,)
+        if Jv is None:  # no trainable parameter reaches the outputs through a u-dependent path
+            Jv = torch.zeros_like(f)
+        return torch.einsum("bcs,bc->bs", S.to(Jv.dtype), Jv.detach())
+
+    return jvp
+
+
+def row_jvp(system: RowSpaceSystem, forward: Closure, steps: list[Tensor]) -> Tensor:
+    """J̃v: the rows of `system` applied to a parameter-space vector v, at the current parameters.
+
+    system: from `build_system` (gram=False is enough); forward: `closure() -> (outputs,
+    targets)` that runs the model on the same batch (e.g. `forward_of(model, inputs, targets,
+    None)`); steps: v, one tensor per parameter of `system.params`, with its shape.
+    Returns (b, s): entry (i, k) = S_{i,:,k}ᵀ (J v)_i, so ‖J̃v‖²/b = vᵀHv and
+    (1/b)J̃ᵀ(J̃v) = Hv (J̃ᵀu is `system.backproject(-u.reshape(-1))`). Dtype of the outputs.
+
+    J v is computed as ∂/∂u ⟨Jᵀu, v⟩ with two reverse passes, so it works for any model the
+    closure can run (no forward-mode support needed). For many products at one point use
+    `row_jvp_fn`, which runs the forward once.
+    """
+    return row_jvp_fn(system, forward)(steps)
 
 
 @dataclass
@@ -404,7 +471,7 @@ def direction_with_info(
     """Like `direction`, plus the loss, γ, jitter, gᵀd, dᵀHd, ‖d‖², the predicted decrease and
     (with timings=True) seconds per stage."""
     system = build_system(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings)
-    device = system.K.device
+    device = system.w.device
     t0 = time.perf_counter()
     sol = system.solve(damping, solve_dtype)
     _sync(device)
@@ -414,7 +481,7 @@ def direction_with_info(
     if timings:
         system.timings["solve"] = t1 - t0
         system.timings["backproject"] = time.perf_counter() - t1
-    return DirectionResult(d, system.loss, sol, system.K.shape[0], system.timings)
+    return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings)
 
 
 def direction(

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .direction import Closure, Inputs, NonFiniteError, RowSpaceSystem, Solution, build_system, forward_of
+from .direction import Closure, Inputs, NonFiniteError, RowSpaceSystem, Solution, build_system, forward_of, row_jvp
 from .losses import Loss, resolve_loss
 from .solve import SolveError
 
@@ -256,6 +256,7 @@ class EGN(torch.optim.Optimizer):
                 raise
             warnings.warn(f"EGN step skipped: {err}", RuntimeWarning, stacklevel=2)
             return StepInfo(loss=math.nan, damping=damping, next_damping=damping, accepted=False, reason=str(err))
+        params = system.params  # model.parameters() order, the order of d (groups may list them otherwise)
         self.egn_state["steps"] += 1
         info = StepInfo(
             loss=system.loss, damping=damping, next_damping=damping, accepted=False,
@@ -263,8 +264,9 @@ class EGN(torch.optim.Optimizer):
         )
 
         d_hat, buffers = self._momentum(params, d)
-        lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
-        decays = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        lrs = [group_of[id(p)]["lr"] for p in params]
+        decays = [group_of[id(p)]["weight_decay"] for p in params]
         steps = [lr * x for lr, x in zip(lrs, d_hat)]
         # a: s = a·d when there is no momentum and one lr; then the row-space by-products give
         # gᵀs, sᵀHs and ‖s‖² exactly without touching the model again
@@ -288,7 +290,7 @@ class EGN(torch.optim.Optimizer):
         else:
             g = system.backproject(-system.w / system.b)  # backproject(γ) = −J̃ᵀγ, so g = (1/b)J̃ᵀw
             g_dot_s, s_norm2 = _dot(g, steps), _dot(steps, steps)
-            s_H_s = _curvature(system, forward, params, steps) if self.adaptive_damping is not None else math.nan
+            s_H_s = _curvature(system, forward, steps) if self.adaptive_damping is not None else math.nan
         saved = [p.detach().clone() for p in params]
         t, loss_after, tries = self._search(forward, params, steps, saved, system.loss, g_dot_s)
         info.loss_after, info.line_search_tries = loss_after, tries
@@ -363,20 +365,11 @@ class EGN(torch.optim.Optimizer):
             t *= ls.shrink
         return 0.0, trial, tries
 
-def _curvature(system: RowSpaceSystem, forward: Closure, params: list[nn.Parameter], steps: list[Tensor]) -> float:
-    """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² at the current parameters.
 
-    J s comes from two reverse passes (Js = ∂/∂u ⟨Jᵀu, s⟩), which works for any closure.
-    """
-    with torch.enable_grad():
-        out, _ = forward()
-        f = out.reshape(out.shape[0], -1)
-        u = torch.zeros_like(f, requires_grad=True)
-        grads = torch.autograd.grad(f, params, u, create_graph=True, allow_unused=True)
-        inner = sum((g * s).sum() for g, s in zip(grads, steps) if g is not None)
-        (Js,) = torch.autograd.grad(inner, u)
-    StJs = torch.einsum("bcs,bc->bs", system.head.S.to(Js.dtype), Js)
-    return float(StJs.double().pow(2).sum()) / system.b
+def _curvature(system: RowSpaceSystem, forward: Closure, steps: list[Tensor]) -> float:
+    """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² = ‖J̃s‖²/b at the current parameters (steps ordered like
+    system.params); J̃s by `row_jvp` (two reverse passes, any closure)."""
+    return float(row_jvp(system, forward, steps).double().pow(2).sum()) / system.b
 
 
 class EGNPreconditioner:

@@ -1,8 +1,9 @@
 """Small training runs for the CLI: real tabular data, an MLP, EGN vs Adam vs SGD on one budget.
 
-Data flows one way: arrays (X, y) → `prepare` (split, standardize) → `train` one optimizer
-(history of train loss / test metric vs step and wall time) → `compare` several → `summary_table`
-and `plot_curves`. Losses follow egn_fast's conventions: "mse" is the batch mean of ½‖f − y‖²
+Data flows one way: arrays (X, y) → `prepare` (split, standardize) → `fit` a model with one
+optimizer (`train`: a fresh MLP and a named optimizer; history of train loss / test metric vs
+step and wall time) → `compare` several → `summary_table` and `plot_curves`. The benchmarks
+(benchmarks/convergence.py) reuse `prepare` and `fit`. Losses follow egn_fast's conventions: "mse" is the batch mean of ½‖f − y‖²
 (so the train loss is half the usual MSE), "cross_entropy" the batch-mean negative log-likelihood.
 """
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from .losses import resolve_loss
 from .optim import EGN
+from .sgn import SGN
 
 __all__ = [
     "Dataset",
@@ -28,6 +30,9 @@ __all__ = [
     "sklearn_dataset",
     "make_mlp",
     "make_optimizer",
+    "evaluate",
+    "optimizer_step",
+    "fit",
     "train",
     "compare",
     "summary_table",
@@ -157,14 +162,78 @@ def make_optimizer(name: str, model: nn.Module, loss: str, lr: float | None = No
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
+Evaluate = Callable[[nn.Module], tuple[float, float]]
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
-    """(loss on the whole training set, test metric)."""
+def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
+    """(loss on the whole training set, test metric: MSE for regression, accuracy for classification)."""
     train_loss = float(resolve_loss(data.loss).batch_mean(model(data.X_train), data.y_train))
     f = model(data.X_test)
     if data.task == "regression":
         return train_loss, float((f - data.y_test).pow(2).mean())
     return train_loss, float((f.argmax(1) == data.y_test).double().mean())
+
+
+def optimizer_step(opt: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor) -> None:
+    """One step on the mini-batch (x, y): optimizers with `step(inputs, targets)` (EGN, SGN) take
+    the batch themselves; first-order ones get zero_grad + forward + loss + backward + step."""
+    if isinstance(opt, (EGN, SGN)):
+        opt.step(x, y)
+        return
+    opt.zero_grad()
+    resolve_loss(loss).batch_mean(model(x), y).backward()
+    opt.step()
+
+
+def fit(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Dataset,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    eval_every: int = 10,
+    progress: Callable[[int], None] | None = None,
+    evaluate_fn: Evaluate | None = None,
+    name: str = "",
+) -> History:
+    """Train `model` with `opt` for `steps` mini-batch steps on data.X_train (batches from
+    replacement-free epochs shuffled by `seed`), evaluating every `eval_every` steps (and at step
+    0 and the last step) with `evaluate_fn(model) -> (train loss, test metric)` (default
+    `evaluate(model, data)`); `progress(k)` after k steps. Only the steps count as training time."""
+    if steps < 1 or batch_size < 1 or eval_every < 1:
+        raise ValueError("steps, batch_size and eval_every must be ≥ 1")
+    evaluate_fn = evaluate_fn or (lambda m: evaluate(m, data))
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.X_train)
+    batch_size = min(batch_size, n)
+    hist = History(name)
+
+    def record(step: int) -> None:
+        train_loss, metric = evaluate_fn(model)
+        hist.steps.append(step)
+        hist.seconds.append(hist.train_seconds)
+        hist.train_loss.append(train_loss)
+        hist.test_metric.append(metric)
+
+    record(0)
+    order, pos = torch.randperm(n, generator=gen), 0
+    for step in range(1, steps + 1):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        t0 = time.perf_counter()
+        optimizer_step(opt, model, data.loss, data.X_train[idx], data.y_train[idx])
+        if data.X_train.is_cuda:  # count the step's GPU work, not just its launch
+            torch.cuda.synchronize(data.X_train.device)
+        hist.train_seconds += time.perf_counter() - t0
+        if step % eval_every == 0 or step == steps:
+            record(step)
+        if progress is not None:
+            progress(1)
+    return hist
 
 
 def train(
@@ -179,46 +248,11 @@ def train(
     progress: Callable[[int], None] | None = None,
     **egn_options: Any,
 ) -> History:
-    """Train a fresh MLP (same init for every optimizer given the seed) for `steps` mini-batch
-    steps (batches drawn with replacement-free epochs from `seed`); `progress(k)` after k steps."""
-    if steps < 1 or batch_size < 1 or eval_every < 1:
-        raise ValueError("steps, batch_size and eval_every must be ≥ 1")
+    """`fit` a fresh tanh MLP (same init for every optimizer given the seed) with the named
+    optimizer ("egn" | "adam" | "sgd")."""
     model = make_mlp(data.X_train.shape[1], hidden, data.num_outputs, seed)
     opt = make_optimizer(optimizer, model, data.loss, lr, **egn_options)
-    loss_fn = resolve_loss(data.loss)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data.X_train)
-    batch_size = min(batch_size, n)
-    hist = History(optimizer)
-
-    def record(step: int) -> None:
-        train_loss, metric = _evaluate(model, data)
-        hist.steps.append(step)
-        hist.seconds.append(hist.train_seconds)
-        hist.train_loss.append(train_loss)
-        hist.test_metric.append(metric)
-
-    record(0)
-    order, pos = torch.randperm(n, generator=gen), 0
-    for step in range(1, steps + 1):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        x, y = data.X_train[idx], data.y_train[idx]
-        t0 = time.perf_counter()
-        if isinstance(opt, EGN):
-            opt.step(x, y)
-        else:
-            opt.zero_grad()
-            loss_fn.batch_mean(model(x), y).backward()
-            opt.step()
-        hist.train_seconds += time.perf_counter() - t0
-        if step % eval_every == 0 or step == steps:
-            record(step)
-        if progress is not None:
-            progress(1)
-    return hist
+    return fit(model, opt, data, steps, batch_size, seed, eval_every, progress, name=optimizer)
 
 
 def compare(

@@ -229,7 +229,10 @@ def test_preconditioner_with_sgd_equals_egn(loss):
     assert rel_err(params_of(pre_model), params_of(egn_model)) < 1e-13
 
 
-def test_param_groups_frozen_and_weight_decay():
+@pytest.mark.parametrize("groups_reversed", [False, True])
+def test_param_groups_frozen_and_weight_decay(groups_reversed):
+    """Per-group lr and decoupled weight decay; frozen params untouched; the groups may list the
+    parameters in any order (the direction comes back in model order)."""
     model = mlp(21)
     model[0].bias.requires_grad_(False)
     (x, y), = batches("mse", 1, seed=22)
@@ -239,7 +242,7 @@ def test_param_groups_frozen_and_weight_decay():
         {"params": [model[0].weight, model[0].bias], "lr": 0.5, "weight_decay": 0.1},
         {"params": list(model[2].parameters()), "lr": 0.2},
     ]
-    opt = egn_fast.EGN(model, loss="mse", damping=0.4, params=groups)
+    opt = egn_fast.EGN(model, loss="mse", damping=0.4, params=groups[::-1] if groups_reversed else groups)
     opt.step(x, y)
     after = params_of(model)
     assert torch.equal(after[1], before[1])  # frozen bias untouched

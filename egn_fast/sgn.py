@@ -1,0 +1,170 @@
+r"""SGN: Gauss-Newton with conjugate gradients on matrix-free Gauss-Newton products
+(Gargiani, Zanelli, Diehl, Hutter, "On the Promise of the Stochastic Generalized Gauss-Newton
+Method for Training DNNs", 2020), the baseline the EGN paper compares against.
+
+Each step, at the current parameters w and for one mini-batch (DESIGN §1):
+
+    g      = (1/b) J̃ᵀw                          gradient of the batch-mean loss
+    d      ≈ −(H + λI)⁻¹ g,  H = (1/b) J̃ᵀJ̃      ≤ cg_iters iterations of conjugate gradients from d = 0
+    w_g    ← w_g + lr_g · d_g                   per parameter group g
+
+CG never forms H: Hv = (1/b) J̃ᵀ(J̃v), with J̃v from `row_jvp_fn` (one reverse pass through a
+linearization built once per step) and J̃ᵀu from the layer factors' back-projection
+(`RowSpaceSystem.backproject`). With cg_iters ≥ d (or ≥ m + 1 = b·s + 1, the number of
+distinct eigenvalues H + λI can have) it is the exact LM step that EGN computes directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .direction import Closure, Inputs, NonFiniteError, build_system, forward_of, row_jvp_fn
+from .ops import get_backend
+from .losses import resolve_loss
+from .optim import LossSpec, _check_in_model, _dot, _trainable
+
+__all__ = ["SGN", "SGNInfo"]
+
+
+@dataclass
+class SGNInfo:
+    """What one `SGN.step` did.
+
+    loss: batch loss before the step; cg_iterations: Hessian-vector products used;
+    relative_residual: ‖(H + λI)d + g‖ / ‖g‖ at the end (CG's recursive residual; 0 when g = 0);
+    direction_norm: ‖d‖ (before the learning rates).
+    """
+
+    loss: float
+    cg_iterations: int
+    relative_residual: float
+    direction_norm: float
+
+
+class SGN(torch.optim.Optimizer):
+    """Gauss-Newton with a truncated conjugate-gradient solve of the damped system (H + λI)d = −g.
+
+    Args:
+        model: the network; the step is taken with respect to the parameters in the param groups
+            (default: all of `model.parameters()`); parameters with requires_grad=False are skipped.
+        loss: "mse" (½‖f−y‖² per sample) | "cross_entropy" | "bce" | a `Loss` | a per-sample
+            callable `fn(outputs (c,), target) -> scalar`. The batch loss is the mean over samples.
+        lr: step multiplier per group (1.0 applies d as solved).
+        damping: λ ≥ 0 in (H + λI) (fixed; change it with `opt.damping = …`).
+        cg_iters: at most this many CG iterations (one Hv product each), ≥ 1.
+        cg_tol: stop early once ‖residual‖ ≤ cg_tol·‖g‖.
+        backend: op backend for the layer factors' back-projection ("auto" | "torch" | "triton" | "cuda").
+        params: torch-style param groups (an iterable of parameters or of dicts with "params" and
+            per-group "lr"); all must belong to `model`.
+
+    `step(inputs, targets)` or `step(closure=fn)` with fn() -> (outputs, targets) returns an
+    `SGNInfo`. The closure is called twice per step (capture, then the linearization for J̃v),
+    so the model must be deterministic between those calls (e.g. dropout off).
+
+    Cost per step: the same capture as EGN (forward, s batched activation-gradient passes, layer
+    factors; the Gram is skipped), one more forward and one reverse pass with create_graph, and per
+    CG iteration one double-backward pass (J̃v) plus one back-projection (J̃ᵀu). Memory holds the
+    factors and that linearization's graph. Raises `NonFiniteError` (parameters untouched) when
+    the outputs, the loss or the gradient are not finite.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossSpec = "mse",
+        lr: float = 1.0,
+        damping: float = 1.0,
+        cg_iters: int = 10,
+        cg_tol: float = 1e-10,
+        backend: str = "auto",
+        *,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        _check_in_model(model, [])  # only the type check: model.parameters() below needs a Module
+        if not lr >= 0:
+            raise ValueError(f"lr must be ≥ 0, got {lr}")
+        if not damping >= 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 1:
+            raise ValueError(f"cg_iters must be an integer ≥ 1, got {cg_iters!r}")
+        if not 0 <= cg_tol < math.inf:
+            raise ValueError(f"cg_tol must be finite and ≥ 0, got {cg_tol}")
+        super().__init__(model.parameters() if params is None else params, dict(lr=lr))
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        _check_in_model(model, all_params)
+        if all_params:  # unknown or unsupported backends fail here, not at step 1
+            get_backend(backend, all_params[0].device)
+        self.model = model
+        self.loss_fn = resolve_loss(loss)
+        self.damping = float(damping)
+        self.cg_iters = cg_iters
+        self.cg_tol = float(cg_tol)
+        self.backend = backend
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None
+    ) -> SGNInfo:
+        """One SGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
+        forward = forward_of(self.model, inputs, targets, closure)
+        system = build_system(
+            self.model, closure=forward, params=_trainable(self.param_groups), loss=self.loss_fn,
+            backend=self.backend, gram=False,
+        )
+        # system.params is in model order (backproject and row_jvp use it), which may differ
+        # from the param groups' order: look the learning rates up by identity.
+        params = system.params
+        lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        b, lam = system.b, self.damping
+
+        def JT(u: Tensor) -> list[Tensor]:  # J̃ᵀu for u (b, s); backproject(γ) = −J̃ᵀγ
+            return system.backproject(-u.reshape(-1).to(system.w.dtype))
+
+        g = JT(system.w / b)
+        g_norm = math.sqrt(_dot(g, g))
+        if not math.isfinite(g_norm):
+            # without the Gram, build_system does not see non-finite factors; the gradient does
+            raise NonFiniteError("the gradient has non-finite entries: some layer input or output-gradient is nan/inf")
+        Jv = row_jvp_fn(system, forward)
+
+        def A(v: list[Tensor]) -> list[Tensor]:  # (H + λI)v = (1/b)J̃ᵀ(J̃v) + λv
+            return [h + lam * x for h, x in zip(JT(Jv(v) / b), v)]
+
+        # Textbook CG on (H + λI)d = −g from d = 0: residual r = −g − (H + λI)d, so r₀ = −g.
+        d = [torch.zeros_like(x) for x in g]
+        r = [-x for x in g]
+        p = [x.clone() for x in r]
+        rr = g_norm * g_norm
+        iters = 0
+        while iters < self.cg_iters and math.sqrt(rr) > self.cg_tol * g_norm:
+            Ap = A(p)
+            pAp = _dot(p, Ap)
+            iters += 1
+            if not math.isfinite(pAp):
+                raise NonFiniteError("a Gauss-Newton-vector product is not finite")
+            if pAp <= 0:  # only with λ = 0: p has no curvature left (H is PSD), CG cannot go on
+                break
+            alpha = rr / pAp
+            for x, y in zip(d, p):
+                x.add_(y, alpha=alpha)
+            for x, y in zip(r, Ap):
+                x.sub_(y, alpha=alpha)
+            rr_new = _dot(r, r)
+            beta = rr_new / rr
+            p = [x + beta * y for x, y in zip(r, p)]
+            rr = rr_new
+        del Jv  # frees the linearization's graph before the update
+
+        for q, x in zip(params, d):
+            q.add_(x, alpha=lr_of[id(q)])
+        return SGNInfo(
+            loss=system.loss,
+            cg_iterations=iters,
+            relative_residual=math.sqrt(rr) / g_norm if g_norm > 0 else 0.0,
+            direction_norm=math.sqrt(_dot(d, d)),
+        )
