@@ -116,11 +116,11 @@ def test_tuning_picks_the_best_validation_point_and_summary_matches_runs(tmp_pat
     for spec in specs:
         tuning = [r for r in result["runs"] if r.optimizer == spec.name and r.split == "validation"]
         assert [r.point for r in tuning] == spec.grid
-        best = min(tuning, key=lambda r: r.best(False))
+        best = min(tuning, key=lambda r: r.final(False))
         assert result["chosen"][spec.name] == best.point
     # lr 1e9 blows SGD up: flagged as diverged and never chosen
     diverged = [r for r in result["runs"] if r.diverged]
-    assert diverged and all(r.point == {"lr": 1e9} and r.best(False) == math.inf for r in diverged)
+    assert diverged and all(r.point == {"lr": 1e9} and r.best(False) == r.final(False) == math.inf for r in diverged)
     assert result["chosen"]["sgd"] == {"lr": 1e-3}
 
     entry = convergence.task_report(task, result, tmp_path / "toy.png")
@@ -140,6 +140,37 @@ def test_tuning_picks_the_best_validation_point_and_summary_matches_runs(tmp_pat
               "settings": {"device": "cpu", "seeds": [0, 1]}, "tasks": [entry]}
     text = convergence.markdown(report)
     assert "| egn |" in text and "| sgd |" in text and entry["verdict"] in text
+
+
+def test_tuning_ranks_by_the_final_metric_not_the_peak():
+    # a run that peaks early and then collapses loses to a steady one
+    history = lambda metric: convergence.History("egn", [0, 1, 2], [0.0, 1.0, 2.0], [1.0] * 3, metric)  # noqa: E731
+    collapsing = convergence.Run("toy", "egn", {}, 0, "validation", history([0.5, 0.9, 0.3]))
+    steady = convergence.Run("toy", "egn", {}, 0, "validation", history([0.5, 0.7, 0.8]))
+    assert collapsing.best(True) > steady.best(True)
+    assert steady.final(True) > collapsing.final(True)
+
+
+def test_grid_edges_flag_values_at_the_ends_of_their_axis():
+    grid = convergence._points(damping=[0.1, 1.0, 10.0], momentum=[0.5, 0.9])
+    assert convergence.grid_edges(grid, {"damping": 1.0, "momentum": 0.5}) == ["momentum"]
+    assert convergence.grid_edges(grid, {"damping": 10.0, "momentum": 0.9}) == ["damping", "momentum"]
+    assert convergence.grid_edges([{"lr": 1.0}], {"lr": 1.0}) == []  # a single value is no edge
+
+
+@pytest.mark.parametrize("egn_final, other_final, outcome", [
+    ((0.20, 0.01), (0.25, 0.01), "EGN wins"),
+    ((0.30, 0.01), (0.25, 0.01), "EGN loses"),
+    ((0.251, 0.004), (0.25, 0.001), "EGN ties"),  # |Δ| = 0.001 ≤ max std 0.004
+])
+def test_verdict_wins_loses_or_ties_by_the_seed_spread(egn_final, other_final, outcome):
+    task = synthetic_task()  # test MSE, lower is better
+    row = lambda name, final, t: {"optimizer": name, "final": final, "time_to_target": t}  # noqa: E731
+    text = convergence.verdict(task, [row("egn", egn_final, 2.0), row("adam", other_final, 1.0)])
+    assert outcome in text
+    assert "First to the target 0.9000 in wall time: adam (1.00 s); EGN's first: egn (2.00 s)." in text
+    text = convergence.verdict(task, [row("egn", egn_final, None), row("adam", other_final, 1.0)])
+    assert "no EGN variant reached it" in text
 
 
 def test_time_to_target_is_the_first_crossing():
@@ -176,3 +207,15 @@ def test_bench_command_needs_the_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "benchmarks")
     with pytest.raises(SystemExit, match="source checkout"):
         cli.main(["bench", "--out", str(tmp_path / "out")])
+
+
+def test_jittered_solves_are_counted_not_printed(recwarn):
+    # λ = 0 and a 6-parameter linear model: K = J̃J̃ᵀ (32 × 32) has rank ≤ 6, so every Cholesky
+    # needs the jitter retry; the run records each one instead of warning.
+    task = synthetic_task(steps=5)
+    task.model = lambda data, seed: nn.Linear(5, 1)
+    spec = convergence.OptimizerSpec("egn", "EGN", convergence.OPTIMIZERS["egn"].make, [{"damping": 0.0}])
+    data = task.load(Path("."))
+    run = convergence.train_run(task, spec, {"damping": 0.0}, data, "test", 0, task.steps, torch.device("cpu"), lambda k: None)
+    assert run.diverged is None and run.jittered_solves == task.steps
+    assert not [w for w in recwarn if "jitter" in str(w.message)]
