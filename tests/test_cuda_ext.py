@@ -7,7 +7,6 @@ egn_fast.direction(backend="cuda") against the dense float64 oracle.
 """
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from egn_fast import ops
 from egn_fast.losses import resolve_loss
 from egn_fast.ops import torch_backend
 from egn_fast.solve import EigenSolver, damped_solve
+from benchmark_scripts import load_benchmark
 from models import make, targets
 from oracle import dense_direction, rel_err
 
@@ -296,15 +296,8 @@ def test_direction_cuda_with_a_custom_loss_uses_batched_cholesky():
     assert rel_err([t.cpu() for t in d], want) < 1e-8
 
 
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("kernels_cuda", os.path.join(ROOT, "benchmarks", "kernels_cuda.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_solver_auto_table_follows_the_median_speedup(tmp_path):
-    bench = _benchmark_module()
+def test_solver_auto_table_follows_the_median_speedup(tmp_path, monkeypatch):
+    bench = load_benchmark("kernels_cuda", monkeypatch)
     table = tmp_path / "auto_table.json"
     table.write_text(json.dumps({"devices": {"cuda": {"gram_dense": "triton", "eigh": "cuda"}, "cpu": {}}}))
     rows = [{"op": "cholesky_solve", "speedup": x} for x in (0.9, 1.2, 1.3)]
@@ -316,8 +309,8 @@ def test_solver_auto_table_follows_the_median_speedup(tmp_path):
     assert "cholesky_solve/cuda 1.20×" in written["solver_note"]
 
 
-def test_benchmark_script_imports_and_parses_its_arguments(tmp_path):
-    bench = _benchmark_module()
+def test_benchmark_script_imports_and_parses_its_arguments(tmp_path, monkeypatch):
+    bench = load_benchmark("kernels_cuda", monkeypatch)
     args = bench.parse_args(["--quick", "--repeats", "4", "--out", str(tmp_path)])
     assert args.quick and args.repeats == 4 and args.out == tmp_path
     if not torch.cuda.is_available():

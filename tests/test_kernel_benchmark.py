@@ -1,25 +1,21 @@
 """benchmarks/kernels.py without a GPU: its measuring loop on tiny shapes (Triton interpreter,
 wall-clock timing), its tables and its auto-table writer."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
+
 pytest.importorskip("triton", reason="triton is not installed")
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_kernels", PATH)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_benchmark("kernels", monkeypatch)
     if not torch.cuda.is_available():
         monkeypatch.setattr(module, "DEVICE", "cpu")
     monkeypatch.setattr(module, "GRAM_DENSE_QUICK", [(6, 2, 5, 7)])

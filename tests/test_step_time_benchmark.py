@@ -1,26 +1,20 @@
 """benchmarks/step_time.py's sweep on tiny sizes (random data, no dataset file): directions against
 the float64 oracle, peak memory, ratios, skip rules, the markdown and the plot."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from oracle import dense_direction
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_step_time", PATH)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_benchmark("step_time", monkeypatch)
     monkeypatch.setattr(module, "CALL_BUDGET_S", 0.02)  # MIN_REPEATS calls per method
     return module
 
