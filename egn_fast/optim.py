@@ -111,6 +111,12 @@ def _trainable(groups: list[dict[str, Any]]) -> list[nn.Parameter]:
     return [p for g in groups for p in g["params"] if p.requires_grad]
 
 
+def _group_of(groups: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """id(parameter) → its param group. Directions come in model.parameters() order, which the
+    groups need not follow, so per-group settings are looked up by identity."""
+    return {id(p): g for g in groups for p in g["params"]}
+
+
 def _check_in_model(model: nn.Module, params: list[nn.Parameter]) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -264,7 +270,7 @@ class EGN(torch.optim.Optimizer):
         )
 
         d_hat, buffers = self._momentum(params, d)
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        group_of = _group_of(self.param_groups)
         lrs = [group_of[id(p)]["lr"] for p in params]
         decays = [group_of[id(p)]["weight_decay"] for p in params]
         steps = [lr * x for lr, x in zip(lrs, d_hat)]

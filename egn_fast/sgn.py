@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .direction import Closure, Inputs, NonFiniteError, build_system, forward_of, row_jvp_fn
 from .ops import get_backend
 from .losses import resolve_loss
-from .optim import LossSpec, _check_in_model, _dot, _trainable
+from .optim import LossSpec, _check_in_model, _dot, _group_of, _trainable
 
 __all__ = ["SGN", "SGNInfo"]
 
@@ -116,10 +116,8 @@ class SGN(torch.optim.Optimizer):
             self.model, closure=forward, params=_trainable(self.param_groups), loss=self.loss_fn,
             backend=self.backend, gram=False,
         )
-        # system.params is in model order (backproject and row_jvp use it), which may differ
-        # from the param groups' order: look the learning rates up by identity.
-        params = system.params
-        lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        params = system.params  # model order, the order of backproject's and row_jvp's lists
+        group_of = _group_of(self.param_groups)
         b, lam = system.b, self.damping
 
         def JT(u: Tensor) -> list[Tensor]:  # J̃ᵀu for u (b, s); backproject(γ) = −J̃ᵀγ
@@ -161,7 +159,7 @@ class SGN(torch.optim.Optimizer):
         del Jv  # frees the linearization's graph before the update
 
         for q, x in zip(params, d):
-            q.add_(x, alpha=lr_of[id(q)])
+            q.add_(x, alpha=group_of[id(q)]["lr"])
         return SGNInfo(
             loss=system.loss,
             cg_iterations=iters,
