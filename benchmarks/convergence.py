@@ -45,7 +45,7 @@ from step_time import machine_info  # noqa: E402
 
 from egn_fast import EGN, SGN, NonFiniteError, SolveError  # noqa: E402
 from egn_fast.losses import resolve_loss  # noqa: E402
-from egn_fast.training import Dataset, History, fit  # noqa: E402
+from egn_fast.training import Dataset, History, fit, make_mlp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -93,11 +93,7 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
 
 def mlp(sizes: list[int], seed: int) -> nn.Sequential:
     """Linear-ReLU-…-Linear with the given layer widths, initialized from `seed`."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+    return make_mlp(sizes[0], tuple(sizes[1:-1]), sizes[-1], seed, activation=nn.ReLU)
 
 
 def small_cnn(seed: int) -> nn.Sequential:
@@ -111,13 +107,13 @@ def small_cnn(seed: int) -> nn.Sequential:
     )
 
 
+LQR_PROBLEM = lqr.make_problem()
+
+
 def lqr_dataset(data_dir: Path) -> Dataset:
     """Initial states x0 ~ N(0, I) as inputs, zero residual targets (data_dir is not used)."""
-    task = lqr.make_task()
+    task = lqr.make_task(problem=LQR_PROBLEM)
     return Dataset("lqr", "regression", task.X_train, task.y_train, task.X_test, task.y_test, task.y_train.shape[1])
-
-
-LQR_PROBLEM = lqr.make_task().problem
 
 
 def lqr_gain_error(model: nn.Module, X: Tensor, y: Tensor) -> float:

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 import egn_fast
 from egn_fast.losses import resolve_loss
+from egn_fast.training import make_mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402  (benchmarks/datasets.py)
@@ -426,19 +427,9 @@ def fashion_mnist_pool(data_dir: Path, n: int, gen: torch.Generator) -> tuple[Te
     return data.X_train[rows], data.y_train[rows], "fashion_mnist"
 
 
-def sweep_mlp(in_features: int, hidden: tuple[int, ...], classes: int) -> nn.Sequential:
-    """in_features → hidden… → classes, tanh between layers, torch's default init (seed SEED)."""
-    torch.manual_seed(SEED)
-    widths = (in_features, *hidden)
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], classes))
-
-
 def sweep_case(X: Tensor, y: Tensor, b: int, classes: int, hidden: tuple[int, ...], data: str) -> Case:
     """The first b rows of the pool X (n, features), labels relabeled y mod c, and a fresh MLP."""
-    model = sweep_mlp(X.shape[1], hidden, classes)
+    model = make_mlp(X.shape[1], hidden, classes, SEED)  # tanh, torch's default init
     arch = "-".join(str(w) for w in (X.shape[1], *hidden, classes))
     return Case(f"c{classes}_b{b}", f"MLP {arch} tanh, b={b}, cross_entropy", model,
                 X[:b].contiguous(), y[:b] % classes, "cross_entropy", data)

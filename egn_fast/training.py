@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .losses import resolve_loss
+from .losses import Loss, resolve_loss
 from .optim import EGN
 from .sgn import SGN
 
@@ -137,12 +137,15 @@ def sklearn_dataset(name: str, seed: int = 0) -> Dataset:
     raise ValueError(f"unknown bundled dataset {name!r}; expected 'diabetes' or 'digits'")
 
 
-def make_mlp(num_inputs: int, hidden: tuple[int, ...], num_outputs: int, seed: int = 0) -> nn.Sequential:
-    """Linear-tanh-…-Linear, initialized from `seed` (the same network for every optimizer)."""
+def make_mlp(
+    num_inputs: int, hidden: tuple[int, ...], num_outputs: int, seed: int = 0, activation: type[nn.Module] = nn.Tanh
+) -> nn.Sequential:
+    """Linear-activation-…-Linear (tanh by default), initialized from `seed` (the same network for
+    every optimizer)."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Linear(num_inputs, width), nn.Tanh()]
+        layers += [nn.Linear(num_inputs, width), activation()]
         num_inputs = width
     layers.append(nn.Linear(num_inputs, num_outputs))
     return nn.Sequential(*layers)
@@ -175,14 +178,14 @@ def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
     return train_loss, float((f.argmax(1) == data.y_test).double().mean())
 
 
-def optimizer_step(opt: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor) -> None:
+def optimizer_step(opt: torch.optim.Optimizer, model: nn.Module, loss: Loss, x: Tensor, y: Tensor) -> None:
     """One step on the mini-batch (x, y): optimizers with `step(inputs, targets)` (EGN, SGN) take
     the batch themselves; first-order ones get zero_grad + forward + loss + backward + step."""
     if isinstance(opt, (EGN, SGN)):
         opt.step(x, y)
         return
     opt.zero_grad()
-    resolve_loss(loss).batch_mean(model(x), y).backward()
+    loss.batch_mean(model(x), y).backward()
     opt.step()
 
 
@@ -205,6 +208,7 @@ def fit(
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise ValueError("steps, batch_size and eval_every must be ≥ 1")
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, data))
+    loss = resolve_loss(data.loss)  # once, not inside the timed steps
     gen = torch.Generator().manual_seed(seed)
     n = len(data.X_train)
     batch_size = min(batch_size, n)
@@ -225,7 +229,7 @@ def fit(
         idx = order[pos : pos + batch_size]
         pos += batch_size
         t0 = time.perf_counter()
-        optimizer_step(opt, model, data.loss, data.X_train[idx], data.y_train[idx])
+        optimizer_step(opt, model, loss, data.X_train[idx], data.y_train[idx])
         if data.X_train.is_cuda:  # count the step's GPU work, not just its launch
             torch.cuda.synchronize(data.X_train.device)
         hist.train_seconds += time.perf_counter() - t0
