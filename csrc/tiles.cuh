@@ -3,7 +3,7 @@
 // tiling, lower-triangle enumeration, mirroring, weighting and the fused back-projection load can
 // be checked by g++ on a machine without a GPU.
 //
-// Conventions (DESIGN §2): rows are sample-major, row r = i·s + k belongs to sample i = r / s.
+// Conventions (docs/design.md §2): rows are sample-major, row r = i·s + k belongs to sample i = r / s.
 #pragma once
 
 #include <cmath>

@@ -12,24 +12,36 @@ as d = −J̃ᵀ(K + bλI)⁻¹w with K = J̃J̃ᵀ formed from per-layer activa
 
 is the conjugate-gradient baseline (SGN): d ≈ −(H + λI)⁻¹g by CG on matrix-free products
 Hv = (1/b)J̃ᵀ(J̃v), with J̃v from `row_jvp`.
+
+    @egn_fast.register_rule(MyModule)
+    def my_rule(module, calls, ctx): ...      # -> a Factors object (egn_fast.rules)
+
+adds (or overrides) the layer rule for a module type. The architecture: docs/design.md.
 """
 
-from . import ops
+from . import ops, rules
+from .capture import ModuleCall, forward_of
+from .checks import resolve_loss
 from .cpu import reuse_cpu_memory
-from .direction import (
-    DirectionResult,
-    NonFiniteError,
-    RowSpaceSystem,
-    Solution,
-    build_system,
-    direction,
-    direction_with_info,
-    row_jvp,
-)
+from .damping import AdaptiveDamping
+from .direction import DirectionResult, direction, direction_with_info
+from .errors import NonFiniteError, SolveError
+from .line_search import ArmijoLineSearch
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, LossHead, MSELoss
-from .optim import EGN, AdaptiveDamping, ArmijoLineSearch, EGNPreconditioner, StepInfo
+from .optim import EGN, StepInfo
+from .preconditioner import EGNPreconditioner
+from .rules import (
+    EmbeddingFactors,
+    Factors,
+    PerSampleFactors,
+    RuleContext,
+    SeqFactors,
+    register_rule,
+    unregister_rule,
+)
 from .sgn import SGN, SGNInfo
-from .solve import EigenSolver, SolveError, damped_solve
+from .solve import EigenSolver, damped_solve
+from .system import RowSpaceSystem, Solution, build_system, row_jvp
 
 __version__ = "0.1.0"
 
@@ -42,22 +54,33 @@ __all__ = [
     "SGN",
     "SGNInfo",
     "NonFiniteError",
+    "SolveError",
     "direction",
     "direction_with_info",
     "build_system",
+    "forward_of",
     "row_jvp",
     "RowSpaceSystem",
     "Solution",
     "DirectionResult",
+    "register_rule",
+    "unregister_rule",
+    "RuleContext",
+    "ModuleCall",
+    "Factors",
+    "SeqFactors",
+    "EmbeddingFactors",
+    "PerSampleFactors",
     "Loss",
     "LossHead",
     "MSELoss",
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "AutogradLoss",
+    "resolve_loss",
     "EigenSolver",
-    "SolveError",
     "damped_solve",
     "ops",
+    "rules",
     "reuse_cpu_memory",
 ]

@@ -1,5 +1,5 @@
-"""Capture: record every module call during one forward, then get all output-gradients in one
-batched backward.
+"""Capture: run the model once with hooks that record every module call, then get all
+output-gradients in one batched backward.
 
 The forward hooks keep references (no copies) to each call's inputs and outputs. Afterwards
 `output_grads` runs ONE backward with the s cotangent columns of S batched (vmap through
@@ -11,13 +11,46 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["ModuleCall", "Capture", "output_grads", "params_reached_outside"]
+__all__ = ["Inputs", "Closure", "forward_of", "ModuleCall", "Capture", "output_grads", "params_reached_outside"]
+
+Inputs = Tensor | tuple | list | dict
+Closure = Callable[[], tuple[Tensor, Tensor]]
+
+
+def _call_model(model: nn.Module, inputs: Inputs) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def forward_of(model: nn.Module, inputs: Inputs | None, targets: Tensor | None, closure: Closure | None) -> Closure:
+    """One way to run the model: `closure() -> (outputs, targets)`, or (inputs, targets) wrapped as one.
+
+    inputs: a tensor, a tuple (positional arguments) or a dict (keyword arguments).
+    """
+    if closure is not None:
+        if inputs is not None or targets is not None:
+            raise ValueError("pass either (inputs, targets) or closure=, not both")
+
+        def checked() -> tuple[Tensor, Tensor]:
+            res = closure()
+            if not (isinstance(res, (tuple, list)) and len(res) == 2):
+                raise ValueError(f"closure() must return (outputs, targets), got {type(res).__name__}")
+            return res[0], res[1]
+
+        return checked
+    if inputs is None or targets is None:
+        raise ValueError("pass (inputs, targets), or closure= returning (outputs, targets)")
+    return lambda: (_call_model(model, inputs), targets)
+
 
 # Modules whose recorded input or output was modified in place by the model in an earlier
 # call; their hooks store copies from then on (see Capture.stale_modules).

@@ -1,6 +1,6 @@
-r"""EGN as a `torch.optim.Optimizer`, and as a preconditioner for any torch optimizer.
+r"""EGN as a `torch.optim.Optimizer` (the preconditioner form is egn_fast.preconditioner).
 
-Each step, at the current parameters w and for one mini-batch (DESIGN §1):
+Each step, at the current parameters w and for one mini-batch (docs/design.md §1):
 
     d      = −(H + λI)⁻¹ g                      exact LM direction, solved in the m×m row space
     d̂      = momentum(d)                        "ema":        m ← βm + (1−β)d,  d̂ = m / (1 − βᵗ)
@@ -24,61 +24,22 @@ Each step, at the current parameters w and for one mini-batch (DESIGN §1):
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .direction import Closure, Inputs, NonFiniteError, RowSpaceSystem, Solution, build_system, forward_of, row_jvp
-from .losses import Loss, resolve_loss
-from .solve import SolveError
+from .capture import Closure, Inputs, forward_of
+from .checks import LossSpec, check_damping, check_lr, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
+from .damping import AdaptiveDamping
+from .errors import NonFiniteError, SolveError
+from .line_search import ArmijoLineSearch
+from .solve import dot
+from .system import RowSpaceSystem, build_system, row_jvp
 
-__all__ = ["EGN", "EGNPreconditioner", "StepInfo", "ArmijoLineSearch", "AdaptiveDamping"]
-
-LossSpec = str | Loss | Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class ArmijoLineSearch:
-    """Backtracking on the step multiplier t: accept when L(w + s) ≤ L(w) + c1 · gᵀs."""
-
-    c1: float = 0.1
-    shrink: float = 0.8
-    max_tries: int = 15
-    growth: float = 1.5
-
-    def __post_init__(self) -> None:
-        if not (0 < self.c1 < 1 and 0 < self.shrink < 1 and self.max_tries >= 1 and self.growth >= 1):
-            raise ValueError(f"invalid line search settings {self}: need 0<c1<1, 0<shrink<1, max_tries≥1, growth≥1")
-
-
-@dataclass(frozen=True)
-class AdaptiveDamping:
-    """The trust-region rule for λ from ρ = actual / predicted decrease."""
-
-    rho_low: float = 0.25
-    rho_high: float = 0.75
-    increase: float = 1.5
-    decrease: float = 0.5
-    min_damping: float = 1e-12
-    max_damping: float = 1e6
-
-    def __post_init__(self) -> None:
-        if not (self.rho_low <= self.rho_high and self.increase > 1 and 0 < self.decrease < 1):
-            raise ValueError(f"invalid adaptive damping settings {self}: need rho_low≤rho_high, increase>1, 0<decrease<1")
-        if not 0 < self.min_damping <= self.max_damping:
-            raise ValueError(f"invalid damping range [{self.min_damping}, {self.max_damping}]")
-
-    def next(self, damping: float, rho: float) -> float:
-        """λ for the next step after a step with gain ratio ρ (nan counts as a failure)."""
-        if not rho >= self.rho_low:
-            damping *= self.increase
-        elif rho > self.rho_high:
-            damping *= self.decrease
-        return min(max(damping, self.min_damping), self.max_damping)
+__all__ = ["EGN", "StepInfo"]
 
 
 @dataclass
@@ -105,46 +66,6 @@ class StepInfo:
     line_search_tries: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     reason: str = ""
-
-
-def _trainable(groups: list[dict[str, Any]]) -> list[nn.Parameter]:
-    return [p for g in groups for p in g["params"] if p.requires_grad]
-
-
-def _group_of(groups: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """id(parameter) → its param group. Directions come in model.parameters() order, which the
-    groups need not follow, so per-group settings are looked up by identity."""
-    return {id(p): g for g in groups for p in g["params"]}
-
-
-def _check_in_model(model: nn.Module, params: list[nn.Parameter]) -> None:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    owned = {id(p) for p in model.parameters()}
-    if any(id(p) not in owned for p in params):
-        raise ValueError("every parameter in the optimizer's param groups must be a parameter of the model")
-
-
-def _direction(
-    model: nn.Module, forward: Closure, params: list[nn.Parameter], loss: Loss, damping: float, opts: dict[str, Any]
-) -> tuple[RowSpaceSystem, Solution, list[Tensor]]:
-    """Row-space system, damped solve and back-projection at the current parameters."""
-    system = build_system(
-        model, closure=forward, params=params, loss=loss, backend=opts["backend"],
-        seq_method=opts["seq_method"], timings=opts["timings"],
-    )
-    t0 = time.perf_counter()
-    sol = system.solve(damping, opts["solve_dtype"])
-    t1 = time.perf_counter()
-    d = system.backproject(sol.gamma)
-    if opts["timings"]:
-        system.timings["solve"] = t1 - t0
-        system.timings["backproject"] = time.perf_counter() - t1
-    return system, sol, d
-
-
-def _dot(xs: list[Tensor], ys: list[Tensor]) -> float:
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(xs, ys)))
 
 
 class EGN(torch.optim.Optimizer):
@@ -196,16 +117,11 @@ class EGN(torch.optim.Optimizer):
         timings: bool = False,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr must be ≥ 0, got {lr}")
-        if not damping >= 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        lr, damping, weight_decay = check_lr(lr), check_damping(damping), finite_nonnegative("weight_decay", weight_decay)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum_type not in ("ema", "heavy_ball", "nesterov"):
             raise ValueError(f"unknown momentum_type {momentum_type!r}; expected 'ema', 'heavy_ball' or 'nesterov'")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
         if max_step_norm is not None and not max_step_norm > 0:
             raise ValueError(f"max_step_norm must be > 0, got {max_step_norm}")
         if line_search == "armijo":
@@ -217,7 +133,7 @@ class EGN(torch.optim.Optimizer):
         if not (adaptive_damping is False or isinstance(adaptive_damping, AdaptiveDamping)):
             raise ValueError(f"adaptive_damping must be a bool or an AdaptiveDamping, got {adaptive_damping!r}")
         super().__init__(model.parameters() if params is None else params, dict(lr=lr, weight_decay=weight_decay))
-        _check_in_model(model, [p for g in self.param_groups for p in g["params"]])
+        check_params_in_model(model, [p for g in self.param_groups for p in g["params"]])
         self.model = model
         self.loss_fn = resolve_loss(loss)
         self.momentum = momentum
@@ -226,7 +142,7 @@ class EGN(torch.optim.Optimizer):
         self.adaptive_damping = adaptive_damping or None
         self.max_step_norm = max_step_norm
         self.skip_nonfinite = skip_nonfinite
-        self._opts = dict(backend=backend, seq_method=seq_method, solve_dtype=solve_dtype, timings=timings)
+        self.backend, self.seq_method, self.solve_dtype, self.timings = backend, seq_method, solve_dtype, timings
         # Optimizer-wide state (per-parameter state holds the momentum buffers)
         self.egn_state: dict[str, Any] = dict(damping=float(damping), step_scale=1.0, steps=0, momentum_steps=0)
 
@@ -253,10 +169,13 @@ class EGN(torch.optim.Optimizer):
     ) -> StepInfo:
         """One EGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
         forward = forward_of(self.model, inputs, targets, closure)
-        params = _trainable(self.param_groups)
         damping = self.egn_state["damping"]
         try:
-            system, sol, d = _direction(self.model, forward, params, self.loss_fn, damping, self._opts)
+            system = build_system(
+                self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn,
+                backend=self.backend, seq_method=self.seq_method, timings=self.timings,
+            )
+            sol, d = system.solve_and_backproject(damping, self.solve_dtype)
         except (NonFiniteError, SolveError) as err:
             if not self.skip_nonfinite:
                 raise
@@ -270,15 +189,15 @@ class EGN(torch.optim.Optimizer):
         )
 
         d_hat, buffers = self._momentum(params, d)
-        group_of = _group_of(self.param_groups)
-        lrs = [group_of[id(p)]["lr"] for p in params]
-        decays = [group_of[id(p)]["weight_decay"] for p in params]
+        groups = group_of(self.param_groups)
+        lrs = [groups[id(p)]["lr"] for p in params]
+        decays = [groups[id(p)]["weight_decay"] for p in params]
         steps = [lr * x for lr, x in zip(lrs, d_hat)]
         # a: s = a·d when there is no momentum and one lr; then the row-space by-products give
         # gᵀs, sᵀHs and ‖s‖² exactly without touching the model again
         a = lrs[0] if d_hat is d and len(set(lrs)) == 1 else None
         if self.max_step_norm is not None:
-            norm = math.sqrt(_dot(steps, steps))
+            norm = math.sqrt(dot(steps, steps))
             if norm > self.max_step_norm:
                 steps = [x * (self.max_step_norm / norm) for x in steps]
                 a = None if a is None else a * self.max_step_norm / norm
@@ -295,7 +214,7 @@ class EGN(torch.optim.Optimizer):
             g_dot_s, s_H_s, s_norm2 = a * sol.gtd, a * a * sol.dHd, a * a * sol.dnorm2
         else:
             g = system.backproject(-system.w / system.b)  # backproject(γ) = −J̃ᵀγ, so g = (1/b)J̃ᵀw
-            g_dot_s, s_norm2 = _dot(g, steps), _dot(steps, steps)
+            g_dot_s, s_norm2 = dot(g, steps), dot(steps, steps)
             s_H_s = _curvature(system, forward, steps) if self.adaptive_damping is not None else math.nan
         saved = [p.detach().clone() for p in params]
         t, loss_after, tries = self._search(forward, params, steps, saved, system.loss, g_dot_s)
@@ -376,48 +295,3 @@ def _curvature(system: RowSpaceSystem, forward: Closure, steps: list[Tensor]) ->
     """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² = ‖J̃s‖²/b at the current parameters (steps ordered like
     system.params); J̃s by `row_jvp` (two reverse passes, any closure)."""
     return float(row_jvp(system, forward, steps).double().pow(2).sum()) / system.b
-
-
-class EGNPreconditioner:
-    """EGN as a preconditioner: `step(inputs, targets)` writes −d into each parameter's .grad,
-    so any torch optimizer applies the EGN direction (p ← p − lr·grad = p + lr·d).
-
-        precond = egn_fast.EGNPreconditioner(model, loss="cross_entropy", damping=1.0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        precond.step(x, y); opt.step()
-
-    Returns a StepInfo (loss, λ, ‖d‖, jitter); λ stays fixed unless changed via `damping`.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossSpec = "mse",
-        damping: float = 1.0,
-        backend: str = "auto",
-        *,
-        solve_dtype: torch.dtype | None = None,
-        seq_method: str = "auto",
-        timings: bool = False,
-        params: Iterable[nn.Parameter] | None = None,
-    ) -> None:
-        if not damping >= 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
-        self.params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-        _check_in_model(model, self.params)
-        self.model = model
-        self.loss_fn = resolve_loss(loss)
-        self.damping = float(damping)
-        self._opts = dict(backend=backend, seq_method=seq_method, solve_dtype=solve_dtype, timings=timings)
-
-    @torch.no_grad()
-    def step(self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None) -> StepInfo:
-        """Set p.grad = −d for every parameter (d the EGN direction on this batch)."""
-        forward = forward_of(self.model, inputs, targets, closure)
-        system, sol, d = _direction(self.model, forward, self.params, self.loss_fn, self.damping, self._opts)
-        for p, x in zip(self.params, d):
-            p.grad = -x
-        return StepInfo(
-            loss=system.loss, damping=self.damping, next_damping=self.damping, accepted=True,
-            direction_norm=math.sqrt(max(sol.dnorm2, 0.0)), jitter=sol.jitter, timings=system.timings,
-        )

@@ -2,7 +2,7 @@ r"""SGN: Gauss-Newton with conjugate gradients on matrix-free Gauss-Newton produ
 (Gargiani, Zanelli, Diehl, Hutter, "On the Promise of the Stochastic Generalized Gauss-Newton
 Method for Training DNNs", 2020), the baseline the EGN paper compares against.
 
-Each step, at the current parameters w and for one mini-batch (DESIGN §1):
+Each step, at the current parameters w and for one mini-batch (docs/design.md §1):
 
     g      = (1/b) J̃ᵀw                          gradient of the batch-mean loss
     d      ≈ −(H + λI)⁻¹ g,  H = (1/b) J̃ᵀJ̃      ≤ cg_iters iterations of conjugate gradients from d = 0
@@ -23,10 +23,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .direction import Closure, Inputs, NonFiniteError, build_system, forward_of, row_jvp_fn
+from .capture import Closure, Inputs, forward_of
+from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
+from .errors import NonFiniteError
 from .ops import get_backend
-from .losses import resolve_loss
-from .optim import LossSpec, _check_in_model, _dot, _group_of, _trainable
+from .solve import conjugate_gradient, dot
+from .system import build_system, row_jvp_fn
 
 __all__ = ["SGN", "SGNInfo"]
 
@@ -85,25 +87,21 @@ class SGN(torch.optim.Optimizer):
         *,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
-        _check_in_model(model, [])  # only the type check: model.parameters() below needs a Module
-        if not lr >= 0:
-            raise ValueError(f"lr must be ≥ 0, got {lr}")
-        if not damping >= 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        check_model(model)  # model.parameters() below needs a Module
+        lr, damping = check_lr(lr), check_damping(damping)
         if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 1:
             raise ValueError(f"cg_iters must be an integer ≥ 1, got {cg_iters!r}")
-        if not 0 <= cg_tol < math.inf:
-            raise ValueError(f"cg_tol must be finite and ≥ 0, got {cg_tol}")
+        cg_tol = finite_nonnegative("cg_tol", cg_tol)
         super().__init__(model.parameters() if params is None else params, dict(lr=lr))
         all_params = [p for g in self.param_groups for p in g["params"]]
-        _check_in_model(model, all_params)
+        check_params_in_model(model, all_params)
         if all_params:  # unknown or unsupported backends fail here, not at step 1
             get_backend(backend, all_params[0].device)
         self.model = model
         self.loss_fn = resolve_loss(loss)
-        self.damping = float(damping)
+        self.damping = damping
         self.cg_iters = cg_iters
-        self.cg_tol = float(cg_tol)
+        self.cg_tol = cg_tol
         self.backend = backend
 
     @torch.no_grad()
@@ -113,18 +111,18 @@ class SGN(torch.optim.Optimizer):
         """One SGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
         forward = forward_of(self.model, inputs, targets, closure)
         system = build_system(
-            self.model, closure=forward, params=_trainable(self.param_groups), loss=self.loss_fn,
+            self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn,
             backend=self.backend, gram=False,
         )
         params = system.params  # model order, the order of backproject's and row_jvp's lists
-        group_of = _group_of(self.param_groups)
+        groups = group_of(self.param_groups)
         b, lam = system.b, self.damping
 
         def JT(u: Tensor) -> list[Tensor]:  # J̃ᵀu for u (b, s); backproject(γ) = −J̃ᵀγ
             return system.backproject(-u.reshape(-1).to(system.w.dtype))
 
         g = JT(system.w / b)
-        g_norm = math.sqrt(_dot(g, g))
+        g_norm = math.sqrt(dot(g, g))
         if not math.isfinite(g_norm):
             # without the Gram, build_system does not see non-finite factors; the gradient does
             raise NonFiniteError("the gradient has non-finite entries: some layer input or output-gradient is nan/inf")
@@ -133,36 +131,15 @@ class SGN(torch.optim.Optimizer):
         def A(v: list[Tensor]) -> list[Tensor]:  # (H + λI)v = (1/b)J̃ᵀ(J̃v) + λv
             return [h + lam * x for h, x in zip(JT(Jv(v) / b), v)]
 
-        # Textbook CG on (H + λI)d = −g from d = 0: residual r = −g − (H + λI)d, so r₀ = −g.
-        d = [torch.zeros_like(x) for x in g]
-        r = [-x for x in g]
-        p = [x.clone() for x in r]
-        rr = g_norm * g_norm
-        iters = 0
-        while iters < self.cg_iters and math.sqrt(rr) > self.cg_tol * g_norm:
-            Ap = A(p)
-            pAp = _dot(p, Ap)
-            iters += 1
-            if not math.isfinite(pAp):
-                raise NonFiniteError("a Gauss-Newton-vector product is not finite")
-            if pAp <= 0:  # only with λ = 0: p has no curvature left (H is PSD), CG cannot go on
-                break
-            alpha = rr / pAp
-            for x, y in zip(d, p):
-                x.add_(y, alpha=alpha)
-            for x, y in zip(r, Ap):
-                x.sub_(y, alpha=alpha)
-            rr_new = _dot(r, r)
-            beta = rr_new / rr
-            p = [x + beta * y for x, y in zip(r, p)]
-            rr = rr_new
+        cg = conjugate_gradient(A, [-x for x in g], self.cg_iters, self.cg_tol)
         del Jv  # frees the linearization's graph before the update
+        d = cg.x
 
         for q, x in zip(params, d):
-            q.add_(x, alpha=group_of[id(q)]["lr"])
+            q.add_(x, alpha=groups[id(q)]["lr"])
         return SGNInfo(
             loss=system.loss,
-            cg_iterations=iters,
-            relative_residual=math.sqrt(rr) / g_norm if g_norm > 0 else 0.0,
-            direction_norm=math.sqrt(_dot(d, d)),
+            cg_iterations=cg.iterations,
+            relative_residual=cg.residual_norm / g_norm if g_norm > 0 else 0.0,
+            direction_norm=math.sqrt(dot(d, d)),
         )

@@ -1,25 +1,26 @@
-"""The damped row-space solve (K + shift·I) γ = w.
+"""The solvers: the damped row-space solve (K + shift·I) γ = w, and conjugate gradients for a
+parameter-space system given only its matrix-vector product.
 
-Cholesky first; when it breaks down (K is only semi-definite and the shift is tiny next to
-rounding), a jitter ε·mean(diag K) is added, ×10 per retry, and the jitter used is reported.
-`EigenSolver` factors K once (K = VΛVᵀ) and then solves for any shift in O(m²).
+`damped_solve`: Cholesky first; when it breaks down (K is only semi-definite and the shift is
+tiny next to rounding), a jitter ε·mean(diag K) is added, ×10 per retry, and the jitter used is
+reported. `EigenSolver` factors K once (K = VΛVᵀ) and then solves for any shift in O(m²).
+`conjugate_gradient` is SGN's solver of (H + λI)d = −g with matrix-free products.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError, SolveError
 from .ops import Backend
 
-__all__ = ["DampedSolve", "damped_solve", "EigenSolver", "SolveError"]
-
-
-class SolveError(RuntimeError):
-    """The damped system could not be factored even with the largest jitter."""
+__all__ = ["DampedSolve", "damped_solve", "EigenSolver", "SolveError", "CGResult", "conjugate_gradient", "dot"]
 
 
 @dataclass
@@ -91,3 +92,53 @@ class EigenSolver:
         scale = 1.0 / (self.evals + shift)
         coeff = coeff * (scale if coeff.dim() == 1 else scale[:, None])
         return (self.V @ coeff).to(self.dtype)
+
+
+def dot(xs: list[Tensor], ys: list[Tensor]) -> float:
+    """Σ_q ⟨xs[q], ys[q]⟩ of two lists of tensors shaped like the parameters, in float64."""
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(xs, ys)))
+
+
+@dataclass
+class CGResult:
+    """x: the solution (tensors shaped like rhs); iterations: matrix-vector products used;
+    residual_norm: ‖rhs − A x‖ by CG's recursion."""
+
+    x: list[Tensor]
+    iterations: int
+    residual_norm: float
+
+
+def conjugate_gradient(
+    apply_A: Callable[[list[Tensor]], list[Tensor]], rhs: list[Tensor], max_iters: int, tol: float
+) -> CGResult:
+    """Textbook CG for A x = rhs from x = 0, A symmetric positive semi-definite, given v ↦ Av.
+
+    Stops after `max_iters` products, once ‖residual‖ ≤ tol·‖rhs‖, or when a search direction p
+    has pᵀAp ≤ 0 (A is only semi-definite and p lies in its null space: CG cannot go on).
+    Raises NonFiniteError when a product is not finite.
+    """
+    rhs_norm = math.sqrt(dot(rhs, rhs))
+    x = [torch.zeros_like(v) for v in rhs]
+    r = [v.clone() for v in rhs]  # r = rhs − A x
+    p = [v.clone() for v in r]
+    rr = rhs_norm * rhs_norm
+    iters = 0
+    while iters < max_iters and math.sqrt(rr) > tol * rhs_norm:
+        Ap = apply_A(p)
+        pAp = dot(p, Ap)
+        iters += 1
+        if not math.isfinite(pAp):
+            raise NonFiniteError("a matrix-vector product in conjugate gradients is not finite (nan/inf)")
+        if pAp <= 0:
+            break
+        alpha = rr / pAp
+        for xq, pq in zip(x, p):
+            xq.add_(pq, alpha=alpha)
+        for rq, Apq in zip(r, Ap):
+            rq.sub_(Apq, alpha=alpha)
+        rr_new = dot(r, r)
+        beta = rr_new / rr
+        p = [rq + beta * pq for rq, pq in zip(r, p)]
+        rr = rr_new
+    return CGResult(x, iters, math.sqrt(rr))

@@ -18,7 +18,8 @@ import torch
 
 import egn_fast
 from egn_fast import ops
-from egn_fast.losses import resolve_loss
+from egn_fast import resolve_loss
+from egn_fast.ops.precision import tf32_allowed
 from egn_fast.ops import torch_backend
 from egn_fast.solve import EigenSolver, damped_solve
 from benchmark_scripts import load_benchmark
@@ -113,7 +114,7 @@ def test_missing_extension_gives_a_clear_import_error(monkeypatch):
 def cuda():
     """The cuda backend, with tf32 off (the exact fp32 path) unless a test turns it on."""
     load_extension()
-    saved = torch.backends.cuda.matmul.allow_tf32
+    saved = tf32_allowed()  # reading allow_tf32 itself raises once a test used the new fp32_precision API
     torch.backends.cuda.matmul.allow_tf32 = False
     yield ops.get_backend("cuda", torch.device("cuda"))
     torch.backends.cuda.matmul.allow_tf32 = saved

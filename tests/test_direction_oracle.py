@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import egn_fast
-from egn_fast.losses import resolve_loss
+from egn_fast import resolve_loss
 from models import MODELS, make, targets
 from oracle import dense_direction, rel_err
 

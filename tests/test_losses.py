@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import egn_fast
-from egn_fast.losses import resolve_loss
+from egn_fast import resolve_loss
 
 
 def _autograd_r_Q(loss, f, y):
@@ -104,5 +104,5 @@ def test_custom_losses_through_direction_match_oracle(loss_kind):
     a = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
     loss = HalfSquaredScaled(a) if loss_kind == "object" else logcosh
     d = egn_fast.direction(model, x, y, loss=loss, damping=0.2)
-    want = dense_direction(model, x, y, egn_fast.losses.resolve_loss(loss), 0.2)
+    want = dense_direction(model, x, y, egn_fast.resolve_loss(loss), 0.2)
     assert rel_err(d, want) < 1e-8

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import egn_fast
-from egn_fast.losses import resolve_loss
+from egn_fast import resolve_loss
 from oracle import dense_direction, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

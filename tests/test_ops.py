@@ -68,6 +68,17 @@ def test_gram_embedding(tiling):
     u = torch.randn(b, s, generator=g, dtype=T64)
     dW = torch_backend.backproject_embedding(tokens, G, u, V)
     torch.testing.assert_close(dW, (u.reshape(-1) @ P).view(dim, V).T)
+    rows = torch_backend.per_sample_embedding(tokens, G, V, T64)  # (b, s, V, dim)
+    torch.testing.assert_close(rows.transpose(2, 3).reshape(b * s, -1), P)
+
+
+def test_backproject_per_sample():
+    g = torch.Generator().manual_seed(6)
+    P = torch.randn(5, 3, 4, 2, generator=g, dtype=T64)  # rows of a (4, 2) parameter
+    u = torch.randn(5, 3, generator=g, dtype=T64)
+    want = (u.reshape(-1) @ P.reshape(15, 8)).view(4, 2)
+    torch.testing.assert_close(torch_backend.backproject_per_sample(P.float(), u), want)
+    assert torch_backend.backproject_per_sample(P.float(), u).dtype == T64  # computes in u's dtype
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import egn_fast
-from egn_fast.losses import resolve_loss
+from egn_fast import resolve_loss
 from oracle import dense_gradient_and_gn, flat, rel_err
 
 LOSSES = ["mse", "cross_entropy"]

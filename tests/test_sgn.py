@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import egn_fast
-from egn_fast.direction import forward_of, row_jvp_fn
-from egn_fast.losses import resolve_loss
+from egn_fast.capture import forward_of
+from egn_fast.system import row_jvp_fn
+from egn_fast import resolve_loss
 from models import make, targets
 from oracle import dense_direction, dense_gradient_and_gn, flat, rel_err, unflat
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import egn_fast
-from egn_fast.losses import resolve_loss
+from egn_fast import resolve_loss
 from egn_fast.ops import Backend
-from egn_fast.solve import EigenSolver, SolveError, damped_solve
+from egn_fast.clock import StageClock
+from egn_fast.solve import EigenSolver, SolveError, conjugate_gradient, damped_solve, dot
 from models import make, targets
 from oracle import rel_err
 
@@ -102,3 +103,58 @@ def test_direction_with_info_reports_timings_and_m():
     assert set(info.timings) == {"forward", "loss_head", "backward", "gram", "solve", "backproject"}
     assert all(t >= 0 for t in info.timings.values())
     assert rel_err(info.direction, egn_fast.direction(model, x, y, loss="cross_entropy", damping=0.1)) == 0.0
+
+
+def _as_parts(v, shapes):  # a flat vector as a list of tensors shaped like parameters
+    return [x.view(shape) for x, shape in zip(v.split([torch.Size(sh).numel() for sh in shapes]), shapes)]
+
+
+def test_conjugate_gradient_on_lists_of_tensors_matches_linalg_solve():
+    shapes = [(2, 3), (4,), (1, 2)]
+    A = _psd(12, 12, 7) + 0.5 * torch.eye(12, dtype=torch.float64)
+    rhs = torch.randn(12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def apply_A(v):
+        return _as_parts(A @ torch.cat([x.reshape(-1) for x in v]), shapes)
+
+    res = conjugate_gradient(apply_A, _as_parts(rhs.clone(), shapes), max_iters=50, tol=1e-13)
+    got = torch.cat([x.reshape(-1) for x in res.x])
+    torch.testing.assert_close(got, torch.linalg.solve(A, rhs), rtol=1e-10, atol=1e-12)
+    assert 1 <= res.iterations <= 24 and res.residual_norm  # 12 in exact arithmetic <= 1e-13 * float(rhs.norm())
+    short = conjugate_gradient(apply_A, _as_parts(rhs.clone(), shapes), max_iters=2, tol=0.0)
+    assert short.iterations == 2 and short.residual_norm > 0
+    assert dot(short.x, short.x) == pytest.approx(float(torch.cat([x.reshape(-1) for x in short.x]).square().sum()))
+
+
+def test_conjugate_gradient_stops_on_a_direction_without_curvature():
+    """A singular A (rank 3) and rhs outside its range: pᵀAp reaches 0 and CG stops, finite."""
+    A = _psd(6, 3, 9)
+    rhs = [torch.randn(6, generator=torch.Generator().manual_seed(10), dtype=torch.float64)]
+    res = conjugate_gradient(lambda v: [A @ v[0]], rhs, max_iters=100, tol=0.0)
+    assert res.iterations <= 5 and torch.isfinite(res.x[0]).all()
+
+
+def test_conjugate_gradient_raises_on_a_non_finite_product():
+    with pytest.raises(egn_fast.NonFiniteError, match="conjugate gradients"):
+        conjugate_gradient(lambda v: [v[0] * float("nan")], [torch.ones(3)], max_iters=5, tol=0.0)
+
+
+def test_stage_clock_synchronizes_a_gpu_before_reading_the_time(monkeypatch):
+    """Asynchronous GPU work must be finished inside the stage it belongs to: the clock syncs the
+    stage's device at its end (and records nothing, syncing nothing, when timings are off)."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    gpu = torch.device("cuda", 0)
+    clock = StageClock(gpu, enabled=True)
+    with clock("gram"):
+        assert synced == []
+    with clock("gram"):
+        pass
+    assert synced == [gpu, gpu] and set(clock.seconds) == {"gram"} and clock.seconds["gram"] >= 0
+    off = StageClock(gpu, enabled=False)
+    with off("solve"):
+        pass
+    assert off.seconds == {} and len(synced) == 2
+    with StageClock(torch.device("cpu"), enabled=True)("solve"):
+        pass
+    assert len(synced) == 2  # nothing to wait for on the CPU

@@ -10,7 +10,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 import egn_fast  # noqa: E402
 from egn_fast import ops  # noqa: E402
 from egn_fast import triton_kernels as tk  # noqa: E402
-from egn_fast.losses import resolve_loss  # noqa: E402
+from egn_fast import resolve_loss  # noqa: E402
 from egn_fast.ops import torch_backend  # noqa: E402
 from egn_fast.ops.triton_backend import TritonBackend  # noqa: E402
 from egn_fast.triton_kernels import _common  # noqa: E402

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.precision import tf32_allowed
+
 # triton.jit reads this when it decorates a kernel, so it is read once here too: the kernels of
 # this package run on CPU tensors exactly when it was set before they were imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -55,24 +57,13 @@ def operand(factor: torch.Tensor, acc: torch.dtype) -> tuple[tl.dtype, str]:
     fp16/bf16 factors with an fp32 accumulator stay in their dtype (their products are exact in
     fp32, as in the torch backend, which upcasts first); bf16 is upcast under the interpreter,
     whose bf16 tl.dot is wrong. Everything else is computed in the accumulator's dtype. An fp32
-    dot uses TF32 exactly when torch's CUDA matmuls do (`tf32_allowed`).
+    dot uses TF32 exactly when torch's CUDA matmuls do (`egn_fast.ops.precision.tf32_allowed`).
     """
     half = factor.dtype == torch.float16 or (factor.dtype == torch.bfloat16 and not INTERPRET)
     dtype = factor.dtype if half and acc == torch.float32 else acc
     # input_precision only matters for fp32 operands; others get Triton's default ("tf32")
     tf32 = dtype != torch.float32 or tf32_allowed()
     return _TL_DTYPE[dtype], "tf32" if tf32 else "ieee"
-
-
-def tf32_allowed() -> bool:
-    """Whether torch's CUDA fp32 matmuls may round to TF32, whichever API set it."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch ≥ 2.9; also reflects the legacy allow_tf32
-        precision = matmul.fp32_precision
-        if precision == "none":  # inherits the global setting
-            precision = torch.backends.fp32_precision
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
 
 
 def gram_configs(tile: str) -> list[triton.Config]:

@@ -6,8 +6,12 @@ Every backend implements the same op set (shapes in `torch_backend`):
     gram_seq(K, A, G, bias)            sequence layer Gram (ghost: no per-sample gradient stored)
     gram_embedding(K, tokens, G)       embedding Gram
     gram_per_sample(K, P)              Gram of per-sample gradient rows
+    per_sample_seq(A, G, dtype)        per-sample gradient rows of a (sequence) linear layer
+    per_sample_embedding(tokens, G, num_embeddings, dtype)
+                                       per-sample gradient rows of an embedding table
     backproject(A, G, u, bias)         J̃ᵀu of a (sequence) linear layer
     backproject_embedding(tokens, G, u, num_embeddings)
+    backproject_per_sample(P, u)       J̃ᵀu from per-sample gradient rows
     cholesky_solve(A, B)               SPD solve, (X, info)
     cholesky_batched(A)                per-matrix Cholesky of a batch, (L, info)
     eigh(A)                            symmetric eigendecomposition, (evals, evecs)
@@ -40,8 +44,11 @@ class Backend:
     gram_seq = staticmethod(torch_backend.gram_seq)
     gram_embedding = staticmethod(torch_backend.gram_embedding)
     gram_per_sample = staticmethod(torch_backend.gram_per_sample)
+    per_sample_seq = staticmethod(torch_backend.per_sample_seq)
+    per_sample_embedding = staticmethod(torch_backend.per_sample_embedding)
     backproject = staticmethod(torch_backend.backproject)
     backproject_embedding = staticmethod(torch_backend.backproject_embedding)
+    backproject_per_sample = staticmethod(torch_backend.backproject_per_sample)
     cholesky_solve = staticmethod(torch_backend.cholesky_solve)
     cholesky_batched = staticmethod(torch_backend.cholesky_batched)
     eigh = staticmethod(torch_backend.eigh)

@@ -2,8 +2,8 @@
 
 Overrides, with the shapes of `torch_backend`:
     gram_dense, gram_per_sample   Gram kernels: tensor cores (wmma) for fp16/bf16 factors and for
-                                  fp32 when torch.backends.cuda.matmul.allow_tf32 is set (as torch's
-                                  matmuls do), exact FMA for fp32 otherwise and for fp64; K accumulates in
+                                  fp32 when torch's fp32 matmuls may use TF32 (`precision.tf32_allowed`,
+                                  either torch API), exact FMA for fp32 otherwise and for fp64; K accumulates in
                                   its own dtype (fp32/fp64)
     backproject                   fused back-projection (U = Σ_k u_k G_k formed while loading), exact FMA
     cholesky_solve                cuSOLVER potrf + potrs; info > 0 feeds the jitter retry of solve.py
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import Backend
+from .precision import tf32_allowed
 
 try:
     from .. import _C
@@ -41,10 +42,6 @@ def _factor(X: Tensor, acc_dtype: torch.dtype) -> Tensor:
     return X.contiguous()
 
 
-def _allow_tf32() -> bool:
-    return torch.backends.cuda.matmul.allow_tf32
-
-
 class CudaBackend(Backend):
     """Gram, back-projection and the dense solves through egn_fast._C."""
 
@@ -59,14 +56,14 @@ class CudaBackend(Backend):
         """K += (G Gᵀ) ∘ expand(A Aᵀ + bias). A: (b, in), G: (b, s, out), K: (b·s, b·s) contiguous."""
         b, s, out = G.shape
         AA = torch.zeros(b, b, dtype=K.dtype, device=K.device)
-        _C.gram_rows(AA, _factor(A, K.dtype), None, 1, 0.0, _allow_tf32())
-        _C.gram_rows(K, _factor(G.reshape(b * s, out), K.dtype), AA, s, 1.0 if bias else 0.0, _allow_tf32())
+        _C.gram_rows(AA, _factor(A, K.dtype), None, 1, 0.0, tf32_allowed())
+        _C.gram_rows(K, _factor(G.reshape(b * s, out), K.dtype), AA, s, 1.0 if bias else 0.0, tf32_allowed())
 
     @staticmethod
     def gram_per_sample(K: Tensor, P: Tensor) -> None:
         """K += P Pᵀ for per-sample gradient rows P: (b, s, n)."""
         b, s, n = P.shape
-        _C.gram_rows(K, _factor(P.reshape(b * s, n), K.dtype), None, s, 0.0, _allow_tf32())
+        _C.gram_rows(K, _factor(P.reshape(b * s, n), K.dtype), None, s, 0.0, tf32_allowed())
 
     @staticmethod
     def backproject(A: Tensor, G: Tensor, u: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:

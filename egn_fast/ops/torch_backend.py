@@ -141,6 +141,22 @@ def backproject(A: Tensor, G: Tensor, u: Tensor, bias: bool) -> tuple[Tensor, Te
     return dW, (U.sum(0) if bias else None)
 
 
+def per_sample_embedding(tokens: Tensor, G: Tensor, num_embeddings: int, dtype: torch.dtype) -> Tensor:
+    """Per-sample gradients of an embedding table: row tok_i,t of P_ik gets G_ik,t -> (b, s, num_embeddings, dim).
+
+    tokens: (b, T), G: (b, s, T, dim).
+    """
+    b, s, T, dim = G.shape
+    P = torch.zeros(b, s, num_embeddings, dim, dtype=dtype, device=G.device)
+    return P.scatter_add_(2, tokens[:, None, :, None].expand(b, s, T, dim), G.to(dtype))
+
+
+def backproject_per_sample(P: Tensor, u: Tensor) -> Tensor:
+    """J̃ᵀu from per-sample gradient rows: Σ_{i,k} u_ik P_ik. P: (b, s, *shape), u: (b, s) -> (*shape),
+    in u's dtype."""
+    return torch.tensordot(u, P.to(u.dtype), dims=2)
+
+
 def backproject_embedding(tokens: Tensor, G: Tensor, u: Tensor, num_embeddings: int) -> Tensor:
     """J̃ᵀu for an embedding table: scatter-add of Σ_k u_ik G_ik,t into row tok_i,t.
 

@@ -1,0 +1,22 @@
+"""Layer rules (docs/design.md §2): how each module type's share of the rows J̃ is formed from its
+recorded inputs and output-gradients, without materializing J.
+
+| module                                      | file           | factors                          | Gram op                      |
+|---------------------------------------------|----------------|----------------------------------|------------------------------|
+| Linear on (b, in)                           | linear.py      | A (b, in), G (b, s, out)         | gram_dense                   |
+| Linear on (b, *, in), Conv1d/2d             | linear.py      | A (b, T, in), G (b, s, T, out)   | gram_seq (ghost) or per-sample |
+| Embedding                                   | embedding.py   | tokens (b, T), G                 | gram_embedding               |
+| LayerNorm/RMSNorm/GroupNorm/BatchNorm(eval) | norms.py       | per-sample rows P (b, s, n)      | gram_per_sample              |
+| any other module owning parameters          | generic.py     | per-sample rows by torch.func    | gram_per_sample              |
+
+A module called several times (tied weights) concatenates its calls along T; parameters shared
+by different modules are merged into one PerSampleFactors (`merge_shared`). A user adds or
+overrides a rule with `egn_fast.register_rule(ModuleType)` (see registry.py and the README).
+"""
+
+from . import embedding, factors, linear, norms, registry  # the built-in rules register themselves on import
+from .factors import *  # noqa: F403
+from .generic import generic_factors
+from .registry import *  # noqa: F403
+
+__all__ = [*factors.__all__, *registry.__all__, "generic_factors"]

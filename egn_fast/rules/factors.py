@@ -1,0 +1,197 @@
+"""The factor types rules return: a layer's share of the rows J̃ (m = b·s rows, sample-major:
+row i·s + k is sample i, cotangent column k), kept as activations and output-gradients.
+
+| type              | holds                                                      | Gram op                                   |
+|-------------------|------------------------------------------------------------|-------------------------------------------|
+| `SeqFactors`      | per group: A (b, T, in) inputs, G (b, s, T, out) output-gradients | gram_dense (T = 1), gram_seq (ghost) or per_sample_seq + gram_per_sample |
+| `EmbeddingFactors`| tokens (b, T), G (b, s, T, dim)                            | gram_embedding                            |
+| `PerSampleFactors`| per parameter p: rows P_p (b, s, *p.shape)                 | gram_per_sample                           |
+
+Every computation on factors goes through the op set (`egn_fast.ops.Backend`), so an
+accelerated backend speeds up every rule that returns these types.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import Backend
+
+__all__ = ["Factors", "SeqFactors", "EmbeddingFactors", "PerSampleFactors", "merge_shared", "choose_seq_method", "concat"]
+
+# The per-sample method is not chosen when its m·out·in per-sample gradients exceed this
+# many elements (1 GiB of fp32).
+_PER_SAMPLE_MAX_ELEMENTS = 1 << 28
+
+
+def concat(parts: list[Tensor], dim: int) -> Tensor:
+    """torch.cat that does not copy a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+class Factors:
+    """A layer's share of J̃, kept as factors. params: the parameters these rows cover."""
+
+    params: list[nn.Parameter]
+
+    def add_gram(self, K: Tensor, backend: Backend) -> None:
+        """K (m, m) += this layer's J̃_l J̃_lᵀ (symmetric; ops compute the lower triangle and mirror it)."""
+        raise NotImplementedError
+
+    def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
+        """J̃_lᵀu for u (b, s): one tensor per parameter of `params`, in u's dtype."""
+        raise NotImplementedError
+
+    def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
+        """Rows of J̃_l per parameter: (b, s, *param.shape), in `dtype`."""
+        raise NotImplementedError
+
+
+@lru_cache(maxsize=4096)
+def choose_seq_method(b: int, s: int, T: int, n_in: int, n_out: int) -> str:
+    """"ghost" or "per_sample" for a layer applied at T positions, by multiply-add count
+    (both are GEMM-bound; memory decides only when per-sample gradients would not fit).
+
+    ghost:      m²T²·out + b²T²·in     (no per-sample gradient stored)
+    per_sample: m·T·out·in + m²·out·in (stores m·out·in numbers)
+    """
+    m = b * s
+    ghost = m * m * T * T * n_out + b * b * T * T * n_in
+    per_sample = m * T * n_out * n_in + m * m * n_out * n_in
+    if m * n_out * n_in > _PER_SAMPLE_MAX_ELEMENTS:
+        return "ghost"
+    return "ghost" if ghost <= per_sample else "per_sample"
+
+
+class SeqFactors(Factors):
+    """Linear / convolution factors, one (A, G) pair per group (a grouped convolution has several).
+
+    A: (b, T, in_g) inputs (unfolded patches for a convolution), G: (b, s, T, out_g).
+    T = 1 is the dense case. weight (out, in_g·groups…) / bias (out,) are None when held fixed.
+    seq_method: "auto" (cost model per layer) | "ghost" | "per_sample".
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter | None,
+        bias: nn.Parameter | None,
+        groups: list[tuple[Tensor, Tensor]],
+        seq_method: str = "auto",
+    ):
+        self.weight, self.bias, self.groups = weight, bias, groups
+        self.params = [p for p in (weight, bias) if p is not None]
+        self.seq_method = seq_method
+
+    def method(self) -> str:
+        """"dense" (T = 1), "ghost" or "per_sample"."""
+        A, G = self.groups[0]
+        b, s, T, n_out = G.shape
+        if T == 1:
+            return "dense"
+        if self.seq_method != "auto":
+            return self.seq_method
+        return choose_seq_method(b, s, T, A.shape[2], n_out)
+
+    def add_gram(self, K: Tensor, backend: Backend) -> None:
+        method = self.method()
+        has_bias = self.bias is not None
+        for A, G in self.groups:
+            if self.weight is None:
+                backend.gram_per_sample(K, G.sum(2))
+            elif method == "dense":
+                backend.gram_dense(K, A[:, 0], G[:, :, 0], has_bias)
+            elif method == "ghost":
+                backend.gram_seq(K, A, G, has_bias)
+            elif method == "per_sample":
+                backend.gram_per_sample(K, backend.per_sample_seq(A, G, K.dtype).flatten(2))
+                if has_bias:  # a Gram of its own: cheaper than concatenating to P
+                    backend.gram_per_sample(K, G.sum(2))
+            else:
+                raise ValueError(f"unknown sequence method {method!r}; expected 'auto', 'ghost' or 'per_sample'")
+
+    def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
+        parts = [backend.backproject(A, G, u, self.bias is not None) for A, G in self.groups]
+        out = []
+        if self.weight is not None:
+            out.append(concat([dW for dW, _ in parts], 0).view(self.weight.shape))
+        if self.bias is not None:
+            out.append(concat([db for _, db in parts], 0))
+        return out
+
+    def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
+        b, s = self.groups[0][1].shape[:2]
+        out = []
+        if self.weight is not None:
+            P = concat([backend.per_sample_seq(A, G, dtype).flatten(3) for A, G in self.groups], 2)
+            out.append(P.view(b, s, *self.weight.shape))
+        if self.bias is not None:
+            out.append(concat([G.to(dtype).sum(2) for _, G in self.groups], 2))
+        return out
+
+
+class EmbeddingFactors(Factors):
+    """weight (num_embeddings, dim); tokens (b, T) and G (b, s, T, dim), the rows of padding
+    tokens zeroed."""
+
+    def __init__(self, weight: nn.Parameter, tokens: Tensor, G: Tensor):
+        self.weight, self.tokens, self.G = weight, tokens, G
+        self.params = [weight]
+
+    def add_gram(self, K: Tensor, backend: Backend) -> None:
+        backend.gram_embedding(K, self.tokens, self.G)
+
+    def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
+        return [backend.backproject_embedding(self.tokens, self.G, u, self.weight.shape[0])]
+
+    def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
+        return [backend.per_sample_embedding(self.tokens, self.G, self.weight.shape[0], dtype)]
+
+
+class PerSampleFactors(Factors):
+    """Per-sample gradient rows: P[q] (b, s, *params[q].shape) for each parameter params[q]."""
+
+    def __init__(self, params: list[nn.Parameter], P: list[Tensor]):
+        self.params, self.P = params, P
+
+    def add_gram(self, K: Tensor, backend: Backend) -> None:
+        backend.gram_per_sample(K, concat([P.to(K.dtype).flatten(2) for P in self.P], 2))
+
+    def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
+        return [backend.backproject_per_sample(P, u) for P in self.P]
+
+    def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
+        return [P.to(dtype) for P in self.P]
+
+
+def merge_shared(factors: list[Factors], backend: Backend, dtype: torch.dtype) -> list[Factors]:
+    """Parameters shared by several layers (tied across different modules): their rows are the
+    sums of each layer's rows, so those layers are merged into one PerSampleFactors."""
+    owners: dict[int, list[int]] = {}
+    for i, f in enumerate(factors):
+        for p in f.params:
+            owners.setdefault(id(p), []).append(i)
+    shared = {i for idx in owners.values() if len(idx) > 1 for i in idx}
+    if not shared:
+        return factors
+    # Close the set: a merged layer pulls in every other layer that shares any of its parameters.
+    changed = True
+    while changed:
+        changed = False
+        for idx in owners.values():
+            if shared.intersection(idx) and not shared.issuperset(idx):
+                shared.update(idx)
+                changed = True
+    params: list[nn.Parameter] = []
+    rows: dict[int, Tensor] = {}
+    for i in sorted(shared):
+        for p, P in zip(factors[i].params, factors[i].per_sample_grads(backend, dtype)):
+            if id(p) in rows:
+                rows[id(p)] = rows[id(p)] + P
+            else:
+                params.append(p)
+                rows[id(p)] = P
+    merged = PerSampleFactors(params, [rows[id(p)] for p in params])
+    return [f for i, f in enumerate(factors) if i not in shared] + [merged]

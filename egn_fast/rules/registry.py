@@ -1,0 +1,142 @@
+"""The layer-rule registry, the context a rule gets, and small helpers for writing rules.
+
+A rule turns the recorded calls of one module into `Factors` (egn_fast.rules.factors), that
+module's share of the rows J̃ kept as activations and output-gradients:
+
+    rule(module, calls: list[ModuleCall], ctx: RuleContext) -> Factors | None
+
+`calls` holds every call of the module during the forward (a module called twice, e.g. a tied
+layer, has two); `call.args`/`call.kwargs` are its inputs, `call.grads[q]` the output-gradients
+(b, s, *z.shape[1:]) of its q-th differentiable output z, or None when that output does not
+reach the loss. Return None when no call reaches the loss. Only the parameters J is taken
+with respect to belong in the factors: `ctx.trainable(module.weight)` is the weight or None.
+
+    @egn_fast.register_rule(MyModule)
+    def my_rule(module, calls, ctx): ...
+
+registers `my_rule` for MyModule and for its subclasses that keep its forward. Registering a
+type again overrides the earlier rule (also a built-in one) until `unregister_rule` removes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import ModuleCall
+
+if TYPE_CHECKING:
+    from .factors import Factors
+
+__all__ = [
+    "RuleContext",
+    "Rule",
+    "register_rule",
+    "unregister_rule",
+    "rule_for",
+    "registry_version",
+    "used_calls",
+    "first_input",
+    "check_batch",
+]
+
+
+@dataclass
+class RuleContext:
+    """What every rule needs besides the module and its calls."""
+
+    name: str  # the module's qualified name in the model, for error messages
+    b: int  # batch size
+    s: int  # rows per sample (cotangent columns of the loss factor S)
+    dtype: torch.dtype  # accumulation dtype of the Gram (fp32 or fp64)
+    seq_method: str = "auto"  # "auto" | "ghost" | "per_sample" for sequence layers
+    # ids of the parameters J is taken with respect to (requires_grad, and in the optimizer's
+    # param groups when it has a subset); empty means every parameter that requires grad
+    trainable_ids: frozenset[int] = frozenset()
+
+    def trainable(self, p: nn.Parameter | None) -> nn.Parameter | None:
+        """p when J is taken with respect to it, else None (held fixed: it gets no rows)."""
+        if p is None or not p.requires_grad:
+            return None
+        return p if not self.trainable_ids or id(p) in self.trainable_ids else None
+
+
+Rule = Callable[[nn.Module, list[ModuleCall], RuleContext], "Factors | None"]
+
+# module type -> its rules, latest last: the latest one is in force, the earlier ones come
+# back when it is unregistered.
+_RULES: dict[type[nn.Module], list[Rule]] = {}
+# Bumped on every change, so cached plans (egn_fast.plan) made with other rules are not reused.
+_VERSION = [0]
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Decorator: use the decorated rule for modules of these types (and of subclasses that do
+    not override forward). Overrides an earlier rule for the same type."""
+    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+        raise TypeError(f"register_rule takes torch.nn.Module subclasses, got {module_types!r}")
+
+    def decorator(rule: Rule) -> Rule:
+        if not callable(rule):
+            raise TypeError(f"a rule must be callable, got {type(rule).__name__}")
+        for t in module_types:
+            _RULES.setdefault(t, []).append(rule)
+        _VERSION[0] += 1
+        return rule
+
+    return decorator
+
+
+def unregister_rule(module_type: type[nn.Module], rule: Rule) -> None:
+    """Remove `rule` for `module_type`; the rule registered before it (if any) is in force again."""
+    rules = _RULES.get(module_type, [])
+    if rule not in rules:
+        raise ValueError(f"{getattr(rule, '__name__', rule)!r} is not a registered rule for {module_type.__name__}")
+    rules.remove(rule)
+    if not rules:
+        del _RULES[module_type]
+    _VERSION[0] += 1
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule in force for `module`, or None (then the generic torch.func rule covers it).
+
+    The most specific registered class in the module's MRO decides; a subclass that overrides
+    that class's forward (LoRA layers, custom convolutions, …) gets None: the rule describes the
+    registered forward, not the override.
+    """
+    for cls in type(module).__mro__:
+        rules = _RULES.get(cls)
+        if rules:
+            return rules[-1] if type(module).forward is cls.forward else None
+    return None
+
+
+def registry_version() -> int:
+    """A counter that changes whenever a rule is registered or unregistered."""
+    return _VERSION[0]
+
+
+# --------------------------------------------------------------------------- helpers for rules
+
+
+def used_calls(calls: list[ModuleCall]) -> list[tuple[ModuleCall, Tensor]]:
+    """(call, G) for the calls whose first output reaches the loss; G: (b, s, *z.shape[1:])."""
+    return [(c, c.grads[0]) for c in calls if c.grads and c.grads[0] is not None]
+
+
+def first_input(call: ModuleCall, name: str = "input") -> Tensor:
+    """The call's first positional argument, or its keyword argument `name`."""
+    return call.args[0] if call.args else call.kwargs[name]
+
+
+def check_batch(module_name: str, x: Tensor, b: int) -> None:
+    """ValueError unless x is (b, …): rules read dimension 0 as the sample."""
+    if x.dim() == 0 or x.shape[0] != b:
+        raise ValueError(
+            f"module {module_name!r} received an input of shape {tuple(x.shape)} whose leading "
+            f"dimension is not the batch size {b}; egn_fast needs per-sample inputs (b, …)"
+        )
