@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/step_time_sweep.py
 	$(PY) benchmarks/step_time.py --reuse-cpu-memory
 
 # On a machine with a CUDA GPU (needs no network): build, GPU tests, kernel benchmark, table last.

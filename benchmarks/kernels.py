@@ -29,15 +29,15 @@ from typing import Callable, Iterator
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import AUTO_MIN_SPEEDUP, gpu_slug, median_ms, rel_err  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 # main() needs "cuda"; the tests run measure() on tiny shapes on the CPU (Triton interpreter).
 DEVICE = "cuda"
 OPS = ["gram_dense", "gram_seq", "backproject"]
 # precision modes: factor dtype and whether fp32 matmuls (torch's and the kernels') may use TF32
 MODES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
-# An accelerated backend replaces torch for an op in the auto table only if its median time
-# ratio over the op's cases beats torch by this factor (noise must not flip the table).
-AUTO_MIN_SPEEDUP = 1.05
 
 # (b, s, in, out)
 GRAM_DENSE = [(256, 1, 256, 256), (1024, 1, 1024, 1024), (1024, 1, 8192, 8192), (4096, 1, 1024, 1024), (4096, 1, 8192, 256), (400, 10, 1024, 1024)]
@@ -139,33 +139,11 @@ def fp32_precision(tf32: bool) -> Iterator[None]:
         matmul.fp32_precision = before
 
 
-def median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median of `reps` CUDA-event intervals (wall-clock on the CPU) of fn() after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if DEVICE != "cuda":
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def gemm_tflops(mnk: tuple[int, int, int], dtype: torch.dtype, reps: int) -> float:
     """TFLOP/s of a cuBLAS GEMM (M×K)@(K×N) in `dtype` (fp32 accumulate)."""
     M, N, Kd = mnk
     x, y = _randn(M, Kd, dtype=dtype), _randn(Kd, N, dtype=dtype)
-    ms = median_ms(lambda: x @ y, 3, reps)
+    ms = median_ms(lambda: x @ y, 3, reps, DEVICE)
     return 2 * M * N * Kd / ms / 1e9
 
 
@@ -189,10 +167,6 @@ def accelerated_backends() -> dict[str, dict[str, object]]:
     return found
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm())
-
-
 def measure(quick: bool, reps: int) -> list[dict]:
     from egn_fast import ops
 
@@ -203,11 +177,11 @@ def measure(quick: bool, reps: int) -> list[dict]:
         with fp32_precision(tf32):
             for case in cases(quick, dtype):
                 want = case.run(torch_ops).clone()
-                torch_ms = median_ms(lambda: case.run(torch_ops), 2, reps)
+                torch_ms = median_ms(lambda: case.run(torch_ops), 2, reps, DEVICE)
                 gemm = gemm_tflops(case.gemm_mnk, case.gemm_dtype, reps)
                 for name, backend in backends[case.op].items():
                     err = rel_err(case.run(backend), want)
-                    ms = median_ms(lambda: case.run(backend), 3, reps)
+                    ms = median_ms(lambda: case.run(backend), 3, reps, DEVICE)
                     tflops = case.flops / ms / 1e9
                     row = dict(
                         op=case.op, mode=mode, backend=name, **case.shape, ms=ms, torch_ms=torch_ms,
@@ -279,10 +253,6 @@ def write_auto_table(rows: list[dict], gpu: str, path: Path) -> dict:
     table["measured_on"] = gpu
     path.write_text(json.dumps(table, indent=2) + "\n")
     return table
-
-
-def gpu_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernels.py beside this file
-from kernels import AUTO_MIN_SPEEDUP, gpu_slug, median_ms  # noqa: E402  the same timer, file names and threshold
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import AUTO_MIN_SPEEDUP, gpu_slug, median_ms, rel_err  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The solver ops only this script measures; kernels.py writes the Gram/back-projection entries of
@@ -46,13 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30))
-
-
 def row(op: str, shape: str, dtype: str, cuda_fn: Callable, torch_fn: Callable, repeats: int) -> dict:
     """Time both implementations; cuda_fn/torch_fn return the tensor they compare on."""
-    err = rel_err(cuda_fn(), torch_fn())
+    err = rel_err(cuda_fn(), torch_fn(), floor=1e-30)  # an all-zero reference: 0 or huge, not NaN
     cuda_ms, torch_ms = median_ms(cuda_fn, 2, repeats), median_ms(torch_fn, 2, repeats)
     result = {"op": op, "shape": shape, "dtype": dtype, "cuda_ms": cuda_ms, "torch_ms": torch_ms,
               "speedup": torch_ms / cuda_ms, "rel_err": err}

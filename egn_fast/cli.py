@@ -3,8 +3,8 @@
     egn-fast demo                      EGN vs Adam vs SGD on scikit-learn's bundled diabetes
                                        (regression) and digits (classification); no download
     egn-fast train --data PATH.npz --task regression|classification --optimizer egn,adam
-    egn-fast bench                     the quick versions of benchmarks/convergence.py and
-                                       benchmarks/step_time.py (needs the source checkout)
+    egn-fast bench                     the quick versions of benchmarks/convergence.py,
+                                       step_time.py and step_time_sweep.py (needs the source checkout)
 
 demo and train print a progress bar, a final table (train loss, test metric, wall time, steps/s), and write
 the table (markdown), the curves (JSON) and a PNG plot into --out.
@@ -124,7 +124,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def _bench(args: argparse.Namespace) -> int:
     """Run the quick versions of the benchmark scripts, one after the other, in this interpreter."""
-    scripts = [BENCHMARKS / "convergence.py", BENCHMARKS / "step_time.py"]
+    scripts = [BENCHMARKS / "convergence.py", BENCHMARKS / "step_time.py", BENCHMARKS / "step_time_sweep.py"]
     missing = [str(s) for s in scripts if not s.exists()]
     if missing:
         raise SystemExit(

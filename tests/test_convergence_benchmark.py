@@ -14,6 +14,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import convergence  # noqa: E402
+import convergence_report  # noqa: E402
 import datasets  # noqa: E402
 import lqr  # noqa: E402
 
@@ -153,9 +154,9 @@ def test_tuning_ranks_by_the_final_metric_not_the_peak():
 
 def test_grid_edges_flag_values_at_the_ends_of_their_axis():
     grid = convergence._points(damping=[0.1, 1.0, 10.0], momentum=[0.5, 0.9])
-    assert convergence.grid_edges(grid, {"damping": 1.0, "momentum": 0.5}) == ["momentum"]
-    assert convergence.grid_edges(grid, {"damping": 10.0, "momentum": 0.9}) == ["damping", "momentum"]
-    assert convergence.grid_edges([{"lr": 1.0}], {"lr": 1.0}) == []  # a single value is no edge
+    assert convergence_report.grid_edges(grid, {"damping": 1.0, "momentum": 0.5}) == ["momentum"]
+    assert convergence_report.grid_edges(grid, {"damping": 10.0, "momentum": 0.9}) == ["damping", "momentum"]
+    assert convergence_report.grid_edges([{"lr": 1.0}], {"lr": 1.0}) == []  # a single value is no edge
 
 
 @pytest.mark.parametrize("egn_final, other_final, outcome", [
@@ -166,10 +167,10 @@ def test_grid_edges_flag_values_at_the_ends_of_their_axis():
 def test_verdict_wins_loses_or_ties_by_the_seed_spread(egn_final, other_final, outcome):
     task = synthetic_task()  # test MSE, lower is better
     row = lambda name, final, t: {"optimizer": name, "final": final, "time_to_target": t}  # noqa: E731
-    text = convergence.verdict(task, [row("egn", egn_final, 2.0), row("adam", other_final, 1.0)])
+    text = convergence_report.verdict(task, [row("egn", egn_final, 2.0), row("adam", other_final, 1.0)])
     assert outcome in text
     assert "First to the target 0.9000 in wall time: adam (1.00 s); EGN's first: egn (2.00 s)." in text
-    text = convergence.verdict(task, [row("egn", egn_final, None), row("adam", other_final, 1.0)])
+    text = convergence_report.verdict(task, [row("egn", egn_final, None), row("adam", other_final, 1.0)])
     assert "no EGN variant reached it" in text
 
 
@@ -177,9 +178,9 @@ def test_time_to_target_is_the_first_crossing():
     task = synthetic_task()
     run = convergence.Run("toy", "egn", {}, 0, "test", convergence.History("egn", [0, 5, 10, 15], [0.0, 1.0, 2.0, 3.0],
                                                                             [1.0] * 4, [2.0, 0.95, 0.85, 0.5]))
-    assert convergence.time_to_target(run, task) == 2.0
+    assert convergence_report.time_to_target(run, task) == 2.0
     run.history.test_metric = [2.0, 1.5, 1.2, 1.0]
-    assert convergence.time_to_target(run, task) is None
+    assert convergence_report.time_to_target(run, task) is None
 
 
 def test_every_grid_point_builds_its_optimizer():

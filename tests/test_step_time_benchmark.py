@@ -1,4 +1,4 @@
-"""benchmarks/step_time.py's sweep on tiny sizes (random data, no dataset file): directions against
+"""benchmarks/step_time_sweep.py on tiny sizes (random data, no dataset file): directions against
 the float64 oracle, peak memory, ratios, skip rules, the markdown and the plot."""
 
 import json
@@ -14,9 +14,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def bench(monkeypatch):
-    module = load_benchmark("step_time", monkeypatch)
+    module = load_benchmark("step_time_sweep", monkeypatch)
     monkeypatch.setattr(module, "CALL_BUDGET_S", 0.02)  # MIN_REPEATS calls per method
     return module
+
+
+@pytest.fixture
+def methods(monkeypatch):
+    return load_benchmark("step_time_methods", monkeypatch)
 
 
 def tiny_pool(n: int = 8, features: int = 784) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +98,12 @@ def test_skip_rules(bench, monkeypatch, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_oracle_matches_the_dense_lm_solve(bench):
+def test_oracle_matches_the_dense_lm_solve(bench, methods):
     """The row-space float64 oracle equals tests/oracle.py's d × d solve of (H + λI)d = −g."""
     X, y = tiny_pool(6, 5)
     case = bench.sweep_case(X, y, 6, 4, (7,), "random")
     got = bench.oracle_direction(case, *bench.oracle_loss_factor(case))
-    want = dense_direction(case.model, case.inputs, case.targets, bench.resolve_loss("cross_entropy"), bench.DAMPING)
+    want = dense_direction(case.model, case.inputs, case.targets, methods.resolve_loss("cross_entropy"), bench.DAMPING)
     assert bench.rel_err(got, want) < 1e-10
 
 
@@ -109,14 +114,14 @@ def test_peak_rss_increase_sees_a_fresh_allocation(bench):
     assert 50_000_000 <= peak < 80_000_000
 
 
-def test_somax_wiring_matches_its_own_formula(bench):
+def test_somax_wiring_matches_its_own_formula(bench, methods):
     """Where somax is installed: make_somax's direction is somax's formula on our network and batch
     (J̃ = L·J with Q + 1e-6·I = LLᵀ), so its rel err against the LM oracle is somax's, not ours."""
     if bench.somax_missing():
         pytest.skip("somax (python-somax) is not installed")
     X, y = tiny_pool(32, 784)
     case = bench.sweep_case(X, y, 32, 10, (32, 32), "random")
-    _, direction = bench.make_somax(case)
+    _, direction = methods.make_somax(case)
     f = case.model(case.inputs).detach().double()
     p = f.softmax(1)
     r = p - torch.nn.functional.one_hot(case.targets, 10).double()
