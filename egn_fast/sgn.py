@@ -27,8 +27,8 @@ from .capture import Closure, Inputs, forward_of
 from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
 from .errors import NonFiniteError
 from .ops import get_backend
-from .solve import conjugate_gradient, dot
-from .system import build_system, row_jvp_fn
+from .solve import CGResult, conjugate_gradient, dot
+from .system import RowSpaceSystem, build_system, row_jvp_fn
 
 __all__ = ["SGN", "SGNInfo"]
 
@@ -116,23 +116,12 @@ class SGN(torch.optim.Optimizer):
         )
         params = system.params  # model order, the order of backproject's and row_jvp's lists
         groups = group_of(self.param_groups)
-        b, lam = system.b, self.damping
-
-        def JT(u: Tensor) -> list[Tensor]:  # J̃ᵀu for u (b, s); backproject(γ) = −J̃ᵀγ
-            return system.backproject(-u.reshape(-1).to(system.w.dtype))
-
-        g = JT(system.w / b)
+        g = _transpose_rows(system, system.w / system.b)
         g_norm = math.sqrt(dot(g, g))
         if not math.isfinite(g_norm):
             # without the Gram, build_system does not see non-finite factors; the gradient does
             raise NonFiniteError("the gradient has non-finite entries: some layer input or output-gradient is nan/inf")
-        Jv = row_jvp_fn(system, forward)
-
-        def A(v: list[Tensor]) -> list[Tensor]:  # (H + λI)v = (1/b)J̃ᵀ(J̃v) + λv
-            return [h + lam * x for h, x in zip(JT(Jv(v) / b), v)]
-
-        cg = conjugate_gradient(A, [-x for x in g], self.cg_iters, self.cg_tol)
-        del Jv  # frees the linearization's graph before the update
+        cg = self._solve(system, forward, g)  # the linearization's graph is freed when it returns
         d = cg.x
 
         for q, x in zip(params, d):
@@ -143,3 +132,18 @@ class SGN(torch.optim.Optimizer):
             relative_residual=cg.residual_norm / g_norm if g_norm > 0 else 0.0,
             direction_norm=math.sqrt(dot(d, d)),
         )
+
+    def _solve(self, system: RowSpaceSystem, forward: Closure, g: list[Tensor]) -> CGResult:
+        """CG on (H + λI)d = −g with (H + λI)v = (1/b)J̃ᵀ(J̃v) + λv."""
+        Jv = row_jvp_fn(system, forward)
+        b, lam = system.b, self.damping
+
+        def apply_A(v: list[Tensor]) -> list[Tensor]:
+            return [h + lam * x for h, x in zip(_transpose_rows(system, Jv(v) / b), v)]
+
+        return conjugate_gradient(apply_A, [-x for x in g], self.cg_iters, self.cg_tol)
+
+
+def _transpose_rows(system: RowSpaceSystem, u: Tensor) -> list[Tensor]:
+    """J̃ᵀu for u (b, s) or (m,); backproject(γ) = −J̃ᵀγ."""
+    return system.backproject(-u.reshape(-1).to(system.w.dtype))
