@@ -19,9 +19,9 @@ __all__ = ["StageClock"]
 class StageClock:
     """`with clock("gram"): ...` adds the stage's seconds to `clock.seconds["gram"]` (when enabled)."""
 
-    def __init__(self, device: torch.device, enabled: bool, seconds: dict[str, float] | None = None):
+    def __init__(self, device: torch.device, enabled: bool):
         self.device, self.enabled = device, enabled
-        self.seconds = {} if seconds is None else seconds
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:

@@ -144,7 +144,7 @@ class EGN(torch.optim.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.backend, self.seq_method, self.solve_dtype, self.timings = backend, seq_method, solve_dtype, timings
         # Optimizer-wide state (per-parameter state holds the momentum buffers)
-        self.egn_state: dict[str, Any] = dict(damping=float(damping), step_scale=1.0, steps=0, momentum_steps=0)
+        self.egn_state: dict[str, Any] = dict(damping=damping, step_scale=1.0, steps=0, momentum_steps=0)
 
     @property
     def damping(self) -> float:

@@ -1,6 +1,6 @@
 """Plan: the checks a model must pass before it runs, and which rule covers which parameter.
 
-`check_model` lists the parameters J is taken with respect to and the modules to hook. After the
+`collect_trainable` lists the parameters J is taken with respect to and the modules to hook. After the
 first captured forward, `plan_for` assigns every such parameter that reaches the loss to a rule:
 the registered rule of the called module that owns it (egn_fast.rules), else the generic
 torch.func rule of the innermost called module that contains it. Plans are cached per model.
@@ -16,17 +16,17 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import Capture, Inputs, params_reached_outside
-from .checks import check_model as check_module
+from .checks import check_model
 from .rules import Rule, registry_version, rule_for
 
-__all__ = ["Plan", "check_model", "check_inputs", "plan_for"]
+__all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for"]
 
 
-def check_model(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
+def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
     """The trainable parameters (model.parameters() order; restricted to the ids in `only` when
     given), the modules that contain any (the ones to hook, tied holders included), and the checks
     that must pass before the model runs."""
-    modules = list(check_module(model).named_modules())  # one traversal serves everything below
+    modules = list(check_model(model).named_modules())  # one traversal serves everything below
     params: list[nn.Parameter] = []
     seen: set[int] = set()
     holders: set[str] = set()

@@ -23,7 +23,7 @@ from .clock import StageClock
 from .errors import NonFiniteError
 from .losses import LossHead
 from .ops import Backend, get_backend
-from .plan import Plan, check_inputs, check_model, plan_for
+from .plan import Plan, check_inputs, collect_trainable, plan_for
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .solve import EigenSolver, damped_solve
 
@@ -157,7 +157,7 @@ def build_system(
     The model's parameters, buffers and .grad fields are left untouched.
     """
     forward = forward_of(model, inputs, targets, closure)
-    params, hooked = check_model(model, None if params is None else {id(p) for p in params})
+    params, hooked = collect_trainable(model, None if params is None else {id(p) for p in params})
     loss_fn = resolve_loss(loss)
     device = params[0].device
     if any(p.device != device for p in params):
@@ -207,7 +207,7 @@ def build_system(
 
     with clock("gram"):
         with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
-            ctx = RuleContext("", b, s, acc_dtype, seq_method, frozenset(trainable))
+            ctx = RuleContext("", b, s, acc_dtype, frozenset(trainable), seq_method)
             factors = layer_factors(plan, capture, ctx, ops)
             K = None
             if gram:

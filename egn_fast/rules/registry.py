@@ -52,16 +52,14 @@ class RuleContext:
     b: int  # batch size
     s: int  # rows per sample (cotangent columns of the loss factor S)
     dtype: torch.dtype  # accumulation dtype of the Gram (fp32 or fp64)
+    # ids of the parameters J is taken with respect to: requires_grad, and in the optimizer's
+    # param groups when it was given a subset
+    trainable_ids: frozenset[int]
     seq_method: str = "auto"  # "auto" | "ghost" | "per_sample" for sequence layers
-    # ids of the parameters J is taken with respect to (requires_grad, and in the optimizer's
-    # param groups when it has a subset); empty means every parameter that requires grad
-    trainable_ids: frozenset[int] = frozenset()
 
     def trainable(self, p: nn.Parameter | None) -> nn.Parameter | None:
         """p when J is taken with respect to it, else None (held fixed: it gets no rows)."""
-        if p is None or not p.requires_grad:
-            return None
-        return p if not self.trainable_ids or id(p) in self.trainable_ids else None
+        return p if p is not None and id(p) in self.trainable_ids else None
 
 
 Rule = Callable[[nn.Module, list[ModuleCall], RuleContext], "Factors | None"]
