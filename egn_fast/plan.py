@@ -43,10 +43,20 @@ def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[l
                 "statistics, which mixes samples, so per-sample Jacobians are undefined: call "
                 "model.eval() for that module (running statistics) or use GroupNorm/LayerNorm"
             )
-        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
             raise ValueError(
-                f"module {name!r} (Embedding with max_norm) rescales its weight in place during "
+                f"module {name!r} ({type(m).__name__} with max_norm) rescales its weight in place during "
                 "forward; egn_fast leaves the model untouched, so max_norm is not supported"
+            )
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__} with scale_grad_by_freq=True) scales its gradient by "
+                "token counts over the whole batch, which mixes samples: set scale_grad_by_freq=False"
+            )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) updates its running statistics in train mode; "
+                "egn_fast leaves the model untouched: call .eval() on it or set track_running_stats=False"
             )
     if only is not None:
         missing = only - {id(p) for _, m in modules for p in m._parameters.values() if p is not None}
