@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_flatten
 
 from .capture import Capture, Inputs, params_reached_outside
 from .checks import check_model
-from .rules import Rule, registry_version, rule_for
+from .rules import Rule, registry_version
+from .rules.parametrized import planned_rule
 
 __all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for"]
 
@@ -121,8 +122,7 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
             parents.setdefault(child, m)
     specific, covered = [], set()
     for m in capture.calls:
-        rule = rule_for(m)
-        own = [p for p in m.parameters(recurse=False) if id(p) in trainable]
+        rule, own = planned_rule(m, trainable)  # a parametrized module's rule covers its originals too
         if rule is not None and own:
             specific.append((names[m], m, rule))
             covered.update(id(p) for p in own)
