@@ -14,7 +14,7 @@ by different modules are merged into one PerSampleFactors (`merge_shared`). A us
 overrides a rule with `egn_fast.register_rule(ModuleType)` (see registry.py and the README).
 """
 
-from . import activation, embedding, factors, instance_norm, linear, norms, parametrized, recurrent, registry  # the built-in rules register themselves on import
+from . import activation, embedding, embedding_bag, factors, instance_norm, linear, norms, parametrized, recurrent, registry  # the built-in rules register themselves on import
 from .factors import *  # noqa: F403
 from .generic import generic_factors
 from .registry import *  # noqa: F403
