@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._pytree import tree_flatten
 
 from .capture import Capture, Inputs, params_reached_outside
@@ -90,6 +91,9 @@ class Plan:
     def modules(self) -> list[nn.Module]:
         return [m for _, m, _ in self.specific] + [m for _, m, _ in self.generic]
 
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m, _ in self.specific] + [(n, m) for n, m, _ in self.generic]
+
 
 # Plans per model. The key holds everything a plan is made from: which modules were called how
 # often, which parameters J is taken with respect to, and the rule registry's state.
@@ -140,7 +144,7 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
                     "weight); egn_fast cannot attribute that use to a layer rule"
                 )
             host, path = owner, [pname]
-            while host not in capture.calls:
+            while host not in capture.calls or isinstance(host, ParametrizationList):  # W = P(original): its parametrized module decides
                 path.insert(0, names[host].rsplit(".", 1)[-1])
                 host = parents[host]
             generic.setdefault(host, {})[".".join(path)] = p

@@ -25,6 +25,7 @@ from .losses import LossHead
 from .ops import Backend, get_backend
 from .plan import Plan, check_inputs, collect_trainable, plan_for
 from .rules import Factors, RuleContext, generic_factors, merge_shared
+from .rules.parametrized import reevaluated_parametrizations
 from .solve import EigenSolver, damped_solve
 
 __all__ = ["Solution", "RowSpaceSystem", "build_system", "layer_factors", "row_jvp", "row_jvp_fn"]
@@ -206,7 +207,8 @@ def build_system(
         del out, f_flat
 
     with clock("gram"):
-        with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
+        # torch.func transforms in the generic rule still differentiate under no_grad
+        with torch.no_grad(), reevaluated_parametrizations(plan.named_modules(), capture.calls):
             ctx = RuleContext("", b, s, acc_dtype, frozenset(trainable), seq_method)
             factors = layer_factors(plan, capture, ctx, ops)
             K = None

@@ -8,9 +8,10 @@ originals are their vector-Jacobian products through P, vmapped over the m rows:
 
     P_original[i, k] = (∂W/∂original)ᵀ P_W[i, k].
 
-P is re-evaluated with its modules in eval mode, so spectral_norm does not run its power
-iteration again (the user's forward already updated its u/v buffers, and W used the updated
-ones); the rule checks that the module's recorded outputs are reproduced with that W.
+While the rules run, P is re-evaluated with its modules in eval mode
+(`reevaluated_parametrizations`), so spectral_norm does not run its power iteration again (the
+user's forward already updated its u/v buffers, and W used the updated ones); every W the
+forward recorded is checked to be reproduced that way, else the call is refused.
 """
 
 from __future__ import annotations
@@ -28,40 +29,44 @@ from ..ops import get_backend
 from .factors import PerSampleFactors
 from .registry import Rule, RuleContext, rule_for
 
-__all__ = ["planned_rule"]
+__all__ = ["planned_rule", "reevaluated_parametrizations"]
 
-_REPRODUCE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+_REPRODUCE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 def planned_rule(module: nn.Module, trainable: set[int]) -> tuple[Rule | None, list[nn.Parameter]]:
     """The rule the plan uses for a called module, and the trainable parameters it covers: the
-    registered rule and the module's own parameters, or, for a module with trainable
-    parametrizations, that rule chained through them, covering the parametrizations' parameters too."""
+    registered rule and the module's own parameters, or, for a module with a rule and trainable
+    parametrizations, that rule chained through them, covering the parametrizations' parameters too.
+    (A parametrized module without a rule is left to the generic rule, which calls the module
+    with its originals: torch.func.functional_call applies the parametrization.)"""
     own = [p for p in module.parameters(recurse=False) if id(p) in trainable]
     rule = rule_for(module)
     if not parametrize.is_parametrized(module):
         return rule, own
     inside = [p for p in module.parametrizations.parameters() if id(p) in trainable]
-    if not inside:
+    if rule is None or not inside:  # without a rule, the generic one differentiates through P itself
         return rule, own
-    if rule is None:
-        raise ValueError(
-            f"{type(module).__name__} is parametrized (torch.nn.utils.parametrize) but has no layer rule; "
-            "egn_fast chains parametrizations through a module's rule: register one with egn_fast.register_rule"
-        )
     return _chained(rule), own + inside
 
 
 @contextmanager
-def _parametrizations_in_eval(module: nn.Module) -> Iterator[None]:
-    """The parametrization modules in eval mode (spectral_norm: no power iteration), restored after."""
-    modes = [(m, m.training) for m in module.parametrizations.modules()]
+def reevaluated_parametrizations(modules: list[tuple[str, nn.Module]], calls: dict[nn.Module, list[ModuleCall]]) -> Iterator[None]:
+    """While the rules run: every parametrization inside `modules` (qualified name, module) in eval mode, so re-evaluating
+    W = P(original) does not update buffers (spectral_norm's power iteration already ran in the
+    forward, and W used the updated u, v). Checks first that this reproduces the W that every
+    recorded ParametrizationList call returned; the modes are restored on exit."""
+    plists = {pl: f"{top_name}.{name}".lstrip(".") for top_name, top in modules for name, pl in top.named_modules()
+              if isinstance(pl, parametrize.ParametrizationList)}
+    modes = {m: m.training for pl in plists for m in pl.modules()}
     try:
-        for m, _ in modes:
+        for m in modes:
             m.training = False
+        for plist, name in plists.items():
+            _check_reproduces(name, plist, calls.get(plist, []))
         yield
     finally:
-        for m, training in modes:
+        for m, training in modes.items():
             m.training = training
 
 
@@ -69,9 +74,8 @@ def _chained(rule: Rule) -> Rule:
     def parametrized_factors(module: nn.Module, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
         """Rows (b, s, *p.shape) for the module's own trainable parameters and its parametrizations'."""
         plists = {n: pl for n, pl in module.parametrizations.items() if any(ctx.trainable(p) is not None for p in pl.parameters())}
-        with _parametrizations_in_eval(module), parametrize.cached():
+        with parametrize.cached():  # in eval mode (reevaluated_parametrizations)
             computed = {n: getattr(module, n) for n in plists}  # W = P(original), once; cached for the rule
-            _check_reproduces(module, calls, ctx)
             inner = rule(module, calls, replace(ctx, trainable_ids=ctx.trainable_ids | {id(W) for W in computed.values()}))
             if inner is None:
                 return None
@@ -95,18 +99,16 @@ def _chained(rule: Rule) -> Rule:
     return parametrized_factors
 
 
-def _check_reproduces(module: nn.Module, calls: list[ModuleCall], ctx: RuleContext) -> None:
-    """ValueError unless the module, with its parametrizations re-evaluated in eval mode, gives
-    the outputs recorded in its first call that reaches the loss."""
-    call = next((c for c in calls if any(g is not None for g in c.grads)), None)
-    if call is None:
+def _check_reproduces(name: str, plist: parametrize.ParametrizationList, calls: list[ModuleCall]) -> None:
+    """ValueError unless the parametrization, in eval mode, gives the W its recorded calls returned."""
+    if not calls:  # not hooked: its parameters are held fixed
         return
-    out = module(*call.args, **call.kwargs)
-    z = call.outputs[0]
-    recomputed = (out if isinstance(out, Tensor) else torch.utils._pytree.tree_flatten(out)[0][call.output_index[0]]).detach()
-    tol = _REPRODUCE_TOL.get(z.dtype, 1e-2)
-    if not torch.allclose(recomputed, z.detach(), rtol=tol, atol=tol):
-        raise ValueError(
-            f"module {ctx.name!r} ({type(module).__name__}): its parametrizations, re-evaluated in eval mode, do "
-            "not reproduce the forward's weight (a parametrization that behaves differently in train mode?)"
-        )
+    W = plist()
+    for call in calls:
+        recorded = call.outputs[0].detach()
+        tol = _REPRODUCE_TOL.get(W.dtype, 1e-2)
+        if not torch.allclose(W, recorded, rtol=tol, atol=tol):
+            raise ValueError(
+                f"the parametrization {name!r} ({type(plist[0]).__name__}), re-evaluated in eval mode, does not reproduce "
+                "the weight of the forward (does it behave differently in train mode?); egn_fast cannot chain through it"
+            )

@@ -21,8 +21,9 @@ from .registry import RuleContext, check_batch, first_input, register_rule
 
 __all__ = ["recurrent_factors", "run_recurrence"]
 
-# Relative/absolute tolerance of the check that the re-implementation reproduces the module.
-_REPRODUCE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+# Relative/absolute tolerance of the check that the re-implementation reproduces the module: a
+# mismatch in configuration shows as O(0.1) differences; fp32 allows for cuDNN's TF32 kernels.
+_REPRODUCE_TOL = {torch.float64: 1e-9, torch.float32: 1e-2}
 
 
 def _batch_major(x: Tensor, batch_dim: int) -> Tensor:
@@ -136,8 +137,7 @@ def recurrent_factors(module: nn.RNNBase, calls: list[ModuleCall], ctx: RuleCont
             _, vjp_fn = torch.func.vjp(outputs, trainable)
             return torch.func.vmap(vjp_fn)(cot_i)[0]
 
-        with torch.enable_grad():
-            grads = torch.func.vmap(one_sample)(x, states, cot)
+        grads = torch.func.vmap(one_sample)(x, states, cot)
         for n, g in grads.items():
             total[n] = total[n] + g if n in total else g
     if not total:
@@ -151,7 +151,7 @@ def _check_reproduces(
 ) -> None:
     """ValueError unless run_recurrence gives the recorded outputs (batch-major) of this call."""
     out = torch.func.vmap(lambda x_i, s_i: run_recurrence(module, weights, x_i, s_i))(x, states)
-    tol = _REPRODUCE_TOL.get(x.dtype, 1e-2)
+    tol = _REPRODUCE_TOL.get(x.dtype, 5e-2)
     for q, z in zip(index, recorded):
         if not torch.allclose(out[q].to(z.dtype), z, rtol=tol, atol=tol):
             raise _refuse(ctx, module, "is not reproduced by egn_fast's re-implementation of its recurrence "
