@@ -15,7 +15,7 @@ def dense_gradient_and_gn(model: nn.Module, inputs, targets: Tensor, loss) -> tu
     buffers = {n: b.double() if b.is_floating_point() else b for n, b in model.named_buffers()}
     model64 = model
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    args = tuple(a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
     def f(ps: dict) -> Tensor:
         out = torch.func.functional_call(model64, {**ps, **frozen, **buffers}, args)

@@ -1,4 +1,4 @@
-"""The rules for recurrent layers, PReLU, InstanceNorm, EmbeddingBag and parametrized modules
+"""The rules for recurrent layers, PReLU, InstanceNorm, EmbeddingBag, attention and parametrized modules
 against the dense float64 oracle, and the clear refusals of what is not per-sample (the model
 left bit-identical after a refused call)."""
 
@@ -24,14 +24,14 @@ def _targets(loss: str, b: int) -> Tensor:
     return torch.randint(0, OUT, (b,)) if loss == "cross_entropy" else torch.randn(b, OUT, dtype=torch.float64)
 
 
-def _check_exact(model: nn.Module, x, loss: str = "mse", oracle_model: nn.Module | None = None) -> float:
-    """egn_fast.direction vs the oracle (on `oracle_model`, default the model itself); returns the error."""
-    b = (x[0] if isinstance(x, tuple) else x).shape[0]
+def _check_exact(model: nn.Module, x, loss: str = "mse", oracle_model: nn.Module | None = None, b: int | None = None) -> None:
+    """egn_fast.direction vs the oracle (on `oracle_model`, default the model itself): relative error < 1e-9.
+    b: the batch size, when it is not the first input's leading dimension."""
+    b = b or (x[0] if isinstance(x, tuple) else x).shape[0]
     y = _targets(loss, b)
     d = egn_fast.direction(model, x, y, loss=loss, damping=0.1)
     err = rel_err(d, dense_direction(oracle_model or model, x, y, resolve_loss(loss), 0.1))
     assert err < 1e-9
-    return err
 
 
 def _check_refused(model: nn.Module, x, match: str) -> None:
@@ -174,33 +174,38 @@ def test_multihead_attention_with_its_default_need_weights_matches_the_oracle():
         _check_exact(Attention().double(), torch.randn(b, 3, 4, dtype=torch.float64))
 
 
+class Bags(nn.Module):
+    """EmbeddingBag (padding_idx 0) on 2-D bags (b, bag) or a 1-D input with offsets."""
+
+    def __init__(self, mode: str, include_last_offset: bool = False):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(7, 4, mode=mode, padding_idx=0, include_last_offset=include_last_offset)
+        self.out = nn.Linear(4, OUT)
+
+    def forward(self, tokens: Tensor, offsets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        return self.out(torch.tanh(self.bag(tokens, offsets, per_sample_weights=weights)))
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_embedding_bag_on_2d_bags_matches_the_oracle(mode):
-    class Bags(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bag, self.out = nn.EmbeddingBag(7, 4, mode=mode, padding_idx=0), nn.Linear(4, OUT)
-
-        def forward(self, tokens: Tensor, weights: Tensor | None = None) -> Tensor:
-            return self.out(torch.tanh(self.bag(tokens, per_sample_weights=weights)))
-
     torch.manual_seed(9)
     tokens = torch.randint(0, 7, (3, 4))
-    inputs = (tokens, torch.rand(3, 4, dtype=torch.float64)) if mode == "sum" else tokens  # per_sample_weights
-    _check_exact(Bags().double(), inputs)
+    weights = torch.rand(3, 4, dtype=torch.float64) if mode == "sum" else None  # per_sample_weights
+    _check_exact(Bags(mode).double(), (tokens, None, weights))
+
+
+@pytest.mark.parametrize("include_last_offset", [False, True])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_with_offsets_maps_bags_to_samples_exactly(mode, include_last_offset):
+    torch.manual_seed(10)
+    tokens = torch.randint(0, 7, (9,))
+    offsets = torch.tensor([0, 3, 3, 5] + ([9] if include_last_offset else []))  # bag lengths 3, 0 (empty), 2, 4
+    weights = torch.rand(9, dtype=torch.float64) if mode == "sum" else None
+    _check_exact(Bags(mode, include_last_offset).double(), (tokens, offsets, weights), "cross_entropy", b=4)
 
 
 def test_clear_refusals_leave_the_model_untouched():
-    class Offsets(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bag, self.out = nn.EmbeddingBag(7, 4), nn.Linear(4, OUT)
-
-        def forward(self, tokens: Tensor) -> Tensor:
-            return self.out(self.bag(tokens.flatten(), torch.arange(0, tokens.numel(), tokens.shape[1])))
-
     tokens = torch.randint(0, 7, (4, 3))
-    _check_refused(Offsets().double(), tokens, r"module 'bag' \(EmbeddingBag\) received a 1-D input with offsets.*2-D input")
     for table in (nn.Embedding(7, 4, scale_grad_by_freq=True), nn.EmbeddingBag(7, 4, scale_grad_by_freq=True)):
         model = nn.Sequential(table, nn.Flatten(), nn.LazyLinear(OUT) if isinstance(table, nn.Embedding) else nn.Linear(4, OUT)).double()
         model(tokens)  # materializes the lazy layer

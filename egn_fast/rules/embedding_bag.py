@@ -1,30 +1,79 @@
-"""The rule for nn.EmbeddingBag: with a 2-D input (b, bag) every row is one sample's bag, so the
-per-sample gradients of the generic rule are exact (any mode, per_sample_weights (b, bag)
-included). A 1-D input with offsets packs all bags into one row of indices and is refused."""
+"""The rule for nn.EmbeddingBag: bag i is sample i, so z_i = Σ_j c_ij ∘ E[tok_ij] over the bag's
+tokens, with coefficients c that do not depend on E once the forward picked them: per_sample_weights
+(or 1) for "sum", 1/|bag| for "mean", the one-hot of the maximizing token per dimension for "max";
+padding_idx tokens get 0. That is an Embedding on the bag's tokens with output-gradients G_i ∘ c_ij:
+`EmbeddingFactors` (Gram by token comparison, scatter-add back-projection).
+
+Bags come as rows of a 2-D input (b, bag) or as a 1-D input with offsets (one bag per sample,
+padded here to the longest bag with coefficient 0). The rule checks that Σ_j c_ij ∘ E[tok_ij]
+reproduces the recorded output.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..capture import ModuleCall
-from .factors import PerSampleFactors
-from .generic import generic_factors
-from .registry import RuleContext, first_input, register_rule
+from .factors import EmbeddingFactors, concat
+from .registry import RuleContext, check_batch, register_rule, used_calls
 
 __all__ = ["embedding_bag_factors"]
 
+_REPRODUCE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _padded_bags(module: nn.EmbeddingBag, call: ModuleCall) -> tuple[Tensor, Tensor, Tensor | None]:
+    """tokens (b, L), valid (b, L) bool and per_sample_weights (b, L) or None, one bag per row."""
+    names = ("input", "offsets", "per_sample_weights")
+    given = dict(zip(names, call.args)) | {n: call.kwargs[n] for n in names if n in call.kwargs}
+    tokens, offsets, weights = given["input"], given.get("offsets"), given.get("per_sample_weights")
+    if tokens.dim() == 2:
+        return tokens, torch.ones_like(tokens, dtype=torch.bool), weights
+    starts = offsets[:-1] if module.include_last_offset else offsets
+    ends = torch.cat([offsets[1:], offsets.new_tensor([tokens.shape[0]])])[: starts.shape[0]]
+    lengths = ends - starts
+    position = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=tokens.device)
+    valid = position < lengths[:, None]
+    index = torch.where(valid, starts[:, None] + position, 0)
+    return tokens[index], valid, None if weights is None else weights[index] * valid
+
+
+def _coefficients(module: nn.EmbeddingBag, tokens: Tensor, valid: Tensor, weights: Tensor | None) -> Tensor:
+    """c (b, L, 1) for "sum"/"mean", (b, L, dim) for "max": z_i = Σ_j c_ij ∘ E[tok_ij]."""
+    table = module.weight.detach()
+    if module.padding_idx is not None:
+        valid = valid & (tokens != module.padding_idx)
+    mask = valid.to(table.dtype)
+    if module.mode == "sum":
+        return (mask if weights is None else mask * weights.to(table.dtype)).unsqueeze(2)
+    if module.mode == "mean":
+        return (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(2)
+    rows = table[tokens].masked_fill(~valid.unsqueeze(2), float("-inf"))  # (b, L, dim)
+    best = rows.argmax(1, keepdim=True)
+    picked = torch.zeros_like(rows).scatter_(1, best, 1.0)
+    return picked * valid.any(1)[:, None, None].to(table.dtype)  # an empty bag outputs 0
+
 
 @register_rule(nn.EmbeddingBag)
-def embedding_bag_factors(module: nn.EmbeddingBag, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
-    """tokens (b, bag) per call: rows (b, s, num_embeddings, dim) for the weight."""
+def embedding_bag_factors(module: nn.EmbeddingBag, calls: list[ModuleCall], ctx: RuleContext) -> EmbeddingFactors | None:
+    """tokens (b, L) and G (b, s, L, dim) = G_i ∘ c_ij of every call, concatenated along L."""
     weight = ctx.trainable(module.weight)
     if weight is None:
         return None
-    for call in calls:
-        if first_input(call).dim() != 2:
-            raise ValueError(
-                f"module {ctx.name!r} (EmbeddingBag) received a 1-D input with offsets, which packs all "
-                "samples' bags into one row; pass a 2-D input (b, bag_size), one bag per sample, padded "
-                "with padding_idx (excluded from every reduction)"
-            )
-    return generic_factors(module, calls, ctx, {"weight": weight})
+    tok_parts, G_parts = [], []
+    for call, G in used_calls(calls):
+        tokens, valid, weights = _padded_bags(module, call)
+        check_batch(ctx.name, tokens, ctx.b)
+        c = _coefficients(module, tokens, valid, weights)
+        recorded = call.outputs[0].detach()
+        reproduced = (c * module.weight.detach()[tokens]).sum(1)
+        tol = _REPRODUCE_TOL.get(recorded.dtype, 1e-2)
+        if not torch.allclose(reproduced.to(recorded.dtype), recorded, rtol=tol, atol=tol):
+            raise ValueError(f"module {ctx.name!r} (EmbeddingBag, mode={module.mode!r}): its bags could not be "
+                             "mapped to the samples (the output is not reproduced); please report this call")
+        tok_parts.append(tokens)
+        G_parts.append(G.unsqueeze(2) * c.unsqueeze(1).to(G.dtype))
+    if not tok_parts:
+        return None
+    return EmbeddingFactors(weight, concat(tok_parts, 1), concat(G_parts, 2))
