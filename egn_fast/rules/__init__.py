@@ -7,6 +7,11 @@ recorded inputs and output-gradients, without materializing J.
 | Linear on (b, *, in), Conv1d/2d             | linear.py      | A (b, T, in), G (b, s, T, out)   | gram_seq (ghost) or per-sample |
 | Embedding                                   | embedding.py   | tokens (b, T), G                 | gram_embedding               |
 | LayerNorm/RMSNorm/GroupNorm/BatchNorm(eval) | norms.py       | per-sample rows P (b, s, n)      | gram_per_sample              |
+| InstanceNorm (affine)                       | instance_norm.py | per-sample rows P (b, s, C)    | gram_per_sample              |
+| PReLU                                       | activation.py  | per-sample rows P (b, s, 1 or C) | gram_per_sample              |
+| EmbeddingBag                                | embedding_bag.py | bag tokens (b, L), G_i ∘ c_ij  | gram_embedding               |
+| RNN/GRU/LSTM                                | recurrent.py   | per-sample rows by torch.func    | gram_per_sample              |
+| parametrized modules (W = P(original))      | parametrized.py | the module's rows for W, chained by vjp | gram_per_sample     |
 | any other module owning parameters          | generic.py     | per-sample rows by torch.func    | gram_per_sample              |
 
 A module called several times (tied weights) concatenates its calls along T; parameters shared
