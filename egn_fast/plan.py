@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._pytree import tree_flatten
 
 from .capture import Capture, Inputs, params_reached_outside
 from .checks import check_model
 from .rules import Rule, registry_version
-from .rules.parametrized import planned_rule
+from .rules.parametrized import parametrization_modules, planned_rule
 
 __all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for"]
 
@@ -132,6 +131,7 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
             covered.update(id(p) for p in own)
     regions = [c for _, m, _ in specific for c in capture.calls[m]]
     reached = params_reached_outside(f, regions)
+    parametrizing = parametrization_modules(model)
     generic: dict[nn.Module, dict[str, nn.Parameter]] = {}
     for owner in model.modules():
         for pname, p in owner.named_parameters(recurse=False):
@@ -144,7 +144,7 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
                     "weight); egn_fast cannot attribute that use to a layer rule"
                 )
             host, path = owner, [pname]
-            while host not in capture.calls or isinstance(host, ParametrizationList):  # W = P(original): its parametrized module decides
+            while host not in capture.calls or host in parametrizing:  # W = P(original): its parametrized module decides
                 path.insert(0, names[host].rsplit(".", 1)[-1])
                 host = parents[host]
             generic.setdefault(host, {})[".".join(path)] = p

@@ -226,11 +226,23 @@ class TanhScale(nn.Module):
         return X * torch.tanh(X.sum(1, keepdim=True))
 
 
+class LearnableScale(nn.Module):
+    """A custom parametrization with a parameter of its own: W = X ∘ g, g (1, in)."""
+
+    def __init__(self, n_in: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(1, n_in))
+
+    def forward(self, X: Tensor) -> Tensor:
+        return X * self.g
+
+
 PARAMETRIZE = {
     "weight_norm": lambda m: parametrizations.weight_norm(m),
     "spectral_norm": lambda m: parametrizations.spectral_norm(m),
     "orthogonal": lambda m: parametrizations.orthogonal(m),
     "custom": lambda m: parametrize.register_parametrization(m, "weight", TanhScale()),
+    "learnable": lambda m: parametrize.register_parametrization(m, "weight", LearnableScale(m.in_features)),
 }
 
 
@@ -277,7 +289,7 @@ class ParametrizedFunctionalUse(nn.Module):
         return nn.functional.linear(self.inp(x), self.proj.weight, self.proj.bias)
 
 
-@pytest.mark.parametrize("kind", ["spectral_norm", "weight_norm"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "weight_norm", "learnable"])
 def test_parametrized_weights_under_the_generic_rule_match_the_oracle(kind):
     torch.manual_seed(13)
     model = ParametrizedFunctionalUse(kind).double()

@@ -29,7 +29,7 @@ from ..ops import get_backend
 from .factors import PerSampleFactors
 from .registry import Rule, RuleContext, rule_for
 
-__all__ = ["planned_rule", "reevaluated_parametrizations"]
+__all__ = ["planned_rule", "parametrization_modules", "reevaluated_parametrizations"]
 
 _REPRODUCE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -48,6 +48,13 @@ def planned_rule(module: nn.Module, trainable: set[int]) -> tuple[Rule | None, l
     if rule is None or not inside:  # without a rule, the generic one differentiates through P itself
         return rule, own
     return _chained(rule), own + inside
+
+
+def parametrization_modules(model: nn.Module) -> set[nn.Module]:
+    """The ParametrizationLists in `model` and every module inside them. They never host the
+    generic rule: their output W is shared by the batch; the parametrized module they belong to
+    (or the module calling it) is differentiated through them instead."""
+    return {m for pl in model.modules() if isinstance(pl, parametrize.ParametrizationList) for m in pl.modules()}
 
 
 @contextmanager
@@ -88,11 +95,11 @@ def _chained(rule: Rule) -> Rule:
                 theta = {k: p.detach() for k, p in plist.named_parameters() if ctx.trainable(p) is not None}
                 W_rows = rows[id(computed[n])]  # (b, s, *W.shape)
                 _, vjp_fn = torch.func.vjp(lambda th: torch.func.functional_call(plist, th, ()), theta)
-                chained = torch.func.vmap(vjp_fn)(W_rows.flatten(0, 1))[0]
+                chained = torch.func.vmap(vjp_fn)(W_rows.flatten(0, 1).to(computed[n].dtype))[0]
                 named = dict(plist.named_parameters())
                 for k, g in chained.items():
                     params.append(named[k])
-                    P.append(g.view(ctx.b, ctx.s, *g.shape[1:]))
+                    P.append(g.view(ctx.b, ctx.s, *g.shape[1:]).to(ctx.dtype))
         return PerSampleFactors(params, P)
 
     parametrized_factors.__name__ = f"parametrized_{getattr(rule, '__name__', 'rule')}"
