@@ -1,4 +1,4 @@
-"""The rules for recurrent layers, PReLU, InstanceNorm, EmbeddingBag, attention and parametrized modules
+"""The rules for recurrent layers and cells, PReLU, InstanceNorm, EmbeddingBag, attention and parametrized modules
 against the dense float64 oracle, and the clear refusals of what is not per-sample (the model
 left bit-identical after a refused call)."""
 
@@ -96,6 +96,34 @@ def test_relu_rnn_and_projected_lstm_match_the_oracle(cls, kw):
     torch.manual_seed(4)
     model = RecurrentNet(cls, False, "output", True, **kw).double()
     _check_exact(model, torch.randn(4, 4, 3, dtype=torch.float64), "cross_entropy")
+
+
+class CellNet(nn.Module):
+    """A cell looped over x (b, T, 3) (one module, T calls), state from a Linear; the head reads
+    the last h (and c, for an LSTMCell, when read="c" or "both")."""
+
+    def __init__(self, cell: nn.RNNCellBase, read: str):
+        super().__init__()
+        self.cell, self.read = cell, read
+        self.init, self.out = nn.Linear(3, 4), nn.Linear(4, OUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.init(x[:, 0]))
+        state = (h, torch.sin(h)) if isinstance(self.cell, nn.LSTMCell) else h
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        if not isinstance(state, tuple):
+            return self.out(state)
+        h, c = state
+        return self.out({"h": h, "c": c, "both": h + c}[self.read])
+
+
+@pytest.mark.parametrize("cell, read", [(nn.RNNCell(3, 4, nonlinearity="relu"), "h"), (nn.GRUCell(3, 4), "h"),
+                                        (nn.LSTMCell(3, 4), "h"), (nn.LSTMCell(3, 4), "c"), (nn.LSTMCell(3, 4, bias=False), "both")],
+                         ids=["rnn_relu", "gru", "lstm_h", "lstm_c", "lstm_both_nobias"])
+def test_recurrent_cells_match_the_oracle(cell, read):
+    torch.manual_seed(6)
+    _check_exact(CellNet(cell, read).double(), torch.randn(3, 3, 3, dtype=torch.float64), "cross_entropy")  # T == b
 
 
 def test_recurrent_dropout_is_exact_in_eval_and_refused_in_train():

@@ -1,16 +1,19 @@
-"""The rule for nn.RNN / nn.GRU / nn.LSTM: per-sample gradient rows by torch.func over a
-functional re-implementation of the recurrence (`run_recurrence`), with the module's own weights.
+"""The rules for nn.RNN / nn.GRU / nn.LSTM and their cells nn.RNNCell / nn.GRUCell / nn.LSTMCell:
+per-sample gradient rows by torch.func over a functional re-implementation of the recurrence
+(`run_recurrence`, `run_cell`) with the module's own weights.
 
-The recurrent kernels cannot be vmapped per sample, and their tensors are batch-major only with
-batch_first=True, so the rule
-- moves the batch dimension of every recorded tensor to the front (input (T, b, in) or
-  (b, T, in); h0/c0 and h_n/c_n (layers·directions, b, H)),
-- checks that the re-implementation reproduces the module's recorded outputs (else refuses), and
-- returns rows P (b, s, *param.shape) = Σ_outputs ∂(G_ik · z_i)/∂θ for every trainable weight.
+The recurrent kernels cannot be vmapped per sample, and a sequence layer's tensors are
+batch-major only with batch_first=True, so the rules
+- move the batch dimension of every recorded tensor to the front (input (T, b, in) or
+  (b, T, in); h0/c0 and h_n/c_n (layers·directions, b, H); a cell's (b, in), (b, H)),
+- check that the re-implementation reproduces the module's recorded outputs (else refuse), and
+- return rows P (b, s, *param.shape) = Σ_outputs ∂(G_ik · z_i)/∂θ for every trainable weight.
 Refused: PackedSequence inputs, unbatched inputs, dropout between layers in train mode.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,11 +22,14 @@ from ..capture import ModuleCall
 from .factors import PerSampleFactors
 from .registry import RuleContext, check_batch, first_input, register_rule
 
-__all__ = ["recurrent_factors", "run_recurrence"]
+__all__ = ["recurrent_factors", "cell_factors", "run_recurrence", "run_cell"]
 
 # Relative/absolute tolerance of the check that the re-implementation reproduces the module: a
 # mismatch in configuration shows as O(0.1) differences; fp32 allows for cuDNN's TF32 kernels.
 _REPRODUCE_TOL = {torch.float64: 1e-9, torch.float32: 1e-2}
+
+# forward(weights, x_i, states_i) -> the module's output leaves for one sample
+SampleForward = Callable[[dict[str, Tensor], Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]]
 
 
 def _batch_major(x: Tensor, batch_dim: int) -> Tensor:
@@ -37,8 +43,16 @@ def _grad_batch_major(G: Tensor, batch_dim: int) -> Tensor:
     return G.movedim(1, 0).movedim(1 + batch_dim, 0)
 
 
-def _cell(mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w: dict[str, Tensor], key: str) -> tuple[Tensor, Tensor | None]:
-    """One step for one sample: gi (gates·H,) the input projection, h (H_out,), c (H,) (LSTM only)."""
+def _refuse(ctx: RuleContext, module: nn.Module, why: str) -> ValueError:
+    return ValueError(f"module {ctx.name!r} ({type(module).__name__}) {why}")
+
+
+def _cell(
+    mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w: dict[str, Tensor], key: str, hold_c: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """One step for one sample: gi (gates·H,) the input projection, h (H_out,), c (H,) (LSTM only).
+    hold_c: h' is differentiated with c' held fixed (when the module's h' is computed from its
+    output c', the output-gradient of c' already carries the path through h')."""
     gh = h @ w["weight_hh" + key].T
     if "bias_hh" + key in w:
         gh = gh + w["bias_hh" + key]
@@ -54,7 +68,7 @@ def _cell(mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w: dict[str, Tenso
         return (1 - z) * n + z * h, None
     i, f, g, o = (gi + gh).chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    h = torch.sigmoid(o) * torch.tanh(c.detach() if hold_c else c)
     if "weight_hr" + key in w:
         h = h @ w["weight_hr" + key].T
     return h, c
@@ -81,12 +95,11 @@ def run_recurrence(module: nn.RNNBase, w: dict[str, Tensor], x: Tensor, states: 
             gi = layer_in @ w["weight_ih" + key].T  # (T, gates·H), all steps at once
             if "bias_ih" + key in w:
                 gi = gi + w["bias_ih" + key]
-            steps = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
-            hs = {}
-            for t in steps:
+            hs = []
+            for t in range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0]):
                 h, c = _cell(module.mode, gi[t], h, c, w, key)
-                hs[t] = h
-            outs.append(torch.stack([hs[t] for t in range(x.shape[0])]))
+                hs.append(h)
+            outs.append(torch.stack(hs[::-1] if direction else hs))  # (T, H_out) in time order
             h_last.append(h)
             c_last.append(c)
         layer_in = torch.cat(outs, -1)
@@ -94,45 +107,100 @@ def run_recurrence(module: nn.RNNBase, w: dict[str, Tensor], x: Tensor, states: 
     return result + (torch.stack(c_last),) if lstm else result
 
 
-def _refuse(ctx: RuleContext, module: nn.Module, why: str) -> ValueError:
-    return ValueError(f"module {ctx.name!r} ({type(module).__name__}) {why}")
+def _cell_mode(cell: nn.RNNCellBase) -> str:
+    if isinstance(cell, nn.LSTMCell):
+        return "LSTM"
+    if isinstance(cell, nn.GRUCell):
+        return "GRU"
+    return "RNN_TANH" if cell.nonlinearity == "tanh" else "RNN_RELU"
 
 
-@register_rule(nn.RNN, nn.GRU, nn.LSTM)
-def recurrent_factors(module: nn.RNNBase, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
+def run_cell(
+    cell: nn.RNNCellBase, w: dict[str, Tensor], x: Tensor, states: tuple[Tensor, ...], hold_c: bool = False
+) -> tuple[Tensor, ...]:
+    """The cell's forward for one sample: x (in,), states () for zeros, (h,) or (h, c), each (H,).
+    Returns (h',) or, for an LSTMCell, (h', c'); hold_c as in `_cell`."""
+    mode = _cell_mode(cell)
+    gi = x @ w["weight_ih"].T
+    if "bias_ih" in w:
+        gi = gi + w["bias_ih"]
+    h = states[0] if states else x.new_zeros(cell.hidden_size)
+    c = (states[1] if states else x.new_zeros(cell.hidden_size)) if mode == "LSTM" else None
+    h, c = _cell(mode, gi, h, c, w, "", hold_c)
+    return (h, c) if mode == "LSTM" else (h,)
+
+
+Layout = tuple[Tensor, tuple[Tensor, ...], tuple[int, ...], SampleForward]
+
+
+def _sequence_layout(module: nn.RNNBase, call: ModuleCall, ctx: RuleContext) -> Layout:
+    """x (b, T, in), states (h0,) / (h0, c0) each (b, L·D, H) or (), the batch dimension of each
+    output leaf (output, h_n, c_n), and the per-sample forward."""
+    x, hx = first_input(call), call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        raise _refuse(ctx, module, "received a PackedSequence, whose rows mix the samples: pass a "
+                      "padded tensor (nn.utils.rnn.pad_packed_sequence) and pick each sample's last step")
+    if x.dim() != 3:
+        raise _refuse(ctx, module, f"needs a batched input (3-D), got shape {tuple(x.shape)}")
+    states = () if hx is None else tuple(_batch_major(h, 1) for h in (hx if isinstance(hx, tuple) else (hx,)))
+    batch_dim = 0 if module.batch_first else 1
+    return _batch_major(x, batch_dim), states, (batch_dim, 1, 1), lambda w, x_i, s_i: run_recurrence(module, w, x_i, s_i)
+
+
+def _cell_layout(cell: nn.RNNCellBase, call: ModuleCall, ctx: RuleContext) -> Layout:
+    """x (b, in), states (h,) / (h, c) each (b, H) or (); every output leaf is batch-major."""
+    x, hx = first_input(call), call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    if x.dim() != 2:
+        raise _refuse(ctx, cell, f"needs a batched input (2-D), got shape {tuple(x.shape)}")
+    # An LSTMCell computed by composite ops (CPU) forms h' from c': hold c' for h' (see _cell).
+    hold_c = call.output_index == [0, 1] and _reaches(call.outputs[0], call.outputs[1], call.inputs)
+    states = () if hx is None else (hx if isinstance(hx, tuple) else (hx,))
+    return x, states, (0, 0), lambda w, x_i, s_i: run_cell(cell, w, x_i, s_i, hold_c)
+
+
+def _reaches(z: Tensor, target: Tensor, inputs: list[Tensor]) -> bool:
+    """Whether z's autograd graph reaches the tensor `target` before the module's `inputs`."""
+    goal = (target.grad_fn, target.output_nr)
+    boundary = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    stack, seen = [z.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in boundary:
+            continue
+        seen.add(node)
+        if goal in node.next_functions:
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
+def _recurrent_rows(
+    module: nn.Module, calls: list[ModuleCall], ctx: RuleContext, layout: Callable[[nn.Module, ModuleCall, RuleContext], Layout]
+) -> PerSampleFactors | None:
     """Rows P (b, s, *param.shape) for the trainable weights: vjp per sample of the outputs that
-    reach the loss (output, h_n, c_n) with their recorded output-gradients, vmapped over b and s."""
-    if module.training and module.dropout > 0 and module.num_layers > 1:
-        raise _refuse(ctx, module, "applies dropout between layers in train mode, which egn_fast cannot "
-                      "re-evaluate per sample: call .eval() on it or set dropout=0")
+    reach the loss with their recorded output-gradients, vmapped over b and s."""
     weights = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
     trainable = {n: w for n, w in weights.items() if ctx.trainable(getattr(module, n)) is not None}
     if not trainable:
         return None
-    batch_dims = (0 if module.batch_first else 1, 1, 1)  # output, h_n, c_n
     total: dict[str, Tensor] = {}
     for call in calls:
         used = [(q, G) for q, G in zip(call.output_index, call.grads) if G is not None]
         if not used:
             continue
-        x, hx = first_input(call), call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
-        if isinstance(x, nn.utils.rnn.PackedSequence):
-            raise _refuse(ctx, module, "received a PackedSequence, whose rows mix the samples: pass a "
-                          "padded tensor (nn.utils.rnn.pad_packed_sequence) and pick each sample's last step")
-        if x.dim() != 3:
-            raise _refuse(ctx, module, f"needs a batched input (3-D), got shape {tuple(x.shape)}")
-        x = _batch_major(x.detach(), batch_dims[0])
+        x, states, batch_dims, forward = layout(module, call, ctx)
+        x, states = x.detach(), tuple(h.detach() for h in states)
         check_batch(ctx.name, x, ctx.b)
-        states = () if hx is None else tuple(_batch_major(h.detach(), 1) for h in (hx if isinstance(hx, tuple) else (hx,)))
-        recorded = [_batch_major(z.detach(), batch_dims[q]) for q, z in zip(call.output_index, call.outputs)]
-        _check_reproduces(module, ctx, weights, x, states, call.output_index, recorded)
+        out = torch.func.vmap(lambda x_i, s_i: forward(weights, x_i, s_i))(x, states)
+        for q, z in zip(call.output_index, call.outputs):
+            _check_reproduces(module, ctx, q, out[q], _batch_major(z.detach(), batch_dims[q]))
         cot = tuple(_grad_batch_major(G, batch_dims[q]) for q, G in used)
         index = [q for q, _ in used]
 
         def one_sample(x_i: Tensor, states_i: tuple[Tensor, ...], cot_i: tuple[Tensor, ...]) -> dict[str, Tensor]:
             def outputs(th: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                out = run_recurrence(module, {**weights, **th}, x_i, states_i)
-                return tuple(out[q] for q in index)
+                out_i = forward({**weights, **th}, x_i, states_i)
+                return tuple(out_i[q] for q in index)
 
             _, vjp_fn = torch.func.vjp(outputs, trainable)
             return torch.func.vmap(vjp_fn)(cot_i)[0]
@@ -145,14 +213,24 @@ def recurrent_factors(module: nn.RNNBase, calls: list[ModuleCall], ctx: RuleCont
     return PerSampleFactors([getattr(module, n) for n in total], list(total.values()))
 
 
-def _check_reproduces(
-    module: nn.RNNBase, ctx: RuleContext, weights: dict[str, Tensor], x: Tensor, states: tuple[Tensor, ...],
-    index: list[int], recorded: list[Tensor],
-) -> None:
-    """ValueError unless run_recurrence gives the recorded outputs (batch-major) of this call."""
-    out = torch.func.vmap(lambda x_i, s_i: run_recurrence(module, weights, x_i, s_i))(x, states)
-    tol = _REPRODUCE_TOL.get(x.dtype, 5e-2)
-    for q, z in zip(index, recorded):
-        if not torch.allclose(out[q].to(z.dtype), z, rtol=tol, atol=tol):
-            raise _refuse(ctx, module, "is not reproduced by egn_fast's re-implementation of its recurrence "
-                          f"(output {q} differs by {float((out[q] - z).abs().max()):.3g}); please report this configuration")
+def _check_reproduces(module: nn.Module, ctx: RuleContext, q: int, reproduced: Tensor, recorded: Tensor) -> None:
+    """ValueError unless the re-implementation's output leaf q equals the recorded one (batch-major)."""
+    tol = _REPRODUCE_TOL.get(recorded.dtype, 5e-2)
+    if not torch.allclose(reproduced.to(recorded.dtype), recorded, rtol=tol, atol=tol):
+        raise _refuse(ctx, module, "is not reproduced by egn_fast's re-implementation of its recurrence "
+                      f"(output {q} differs by {float((reproduced - recorded).abs().max()):.3g}); please report this configuration")
+
+
+@register_rule(nn.RNN, nn.GRU, nn.LSTM)
+def recurrent_factors(module: nn.RNNBase, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
+    """Sequence layers: rows through `run_recurrence` (outputs output, h_n and, for an LSTM, c_n)."""
+    if module.training and module.dropout > 0 and module.num_layers > 1:
+        raise _refuse(ctx, module, "applies dropout between layers in train mode, which egn_fast cannot "
+                      "re-evaluate per sample: call .eval() on it or set dropout=0")
+    return _recurrent_rows(module, calls, ctx, _sequence_layout)
+
+
+@register_rule(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+def cell_factors(module: nn.RNNCellBase, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
+    """Cells: rows through `run_cell` (outputs h' and, for an LSTMCell, c')."""
+    return _recurrent_rows(module, calls, ctx, _cell_layout)
