@@ -142,6 +142,10 @@ def _sequence_layout(module: nn.RNNBase, call: ModuleCall, ctx: RuleContext) -> 
                       "padded tensor (nn.utils.rnn.pad_packed_sequence) and pick each sample's last step")
     if x.dim() != 3:
         raise _refuse(ctx, module, f"needs a batched input (3-D), got shape {tuple(x.shape)}")
+    if any(_reaches(z, other, call.inputs) for z in call.outputs for other in call.outputs if other is not z):
+        # each output's gradient would then carry the others' paths: the rows would count them twice
+        raise _refuse(ctx, module, "returns outputs computed from one another (output, h_n, c_n), which its "
+                      "rule does not separate; please report this configuration")
     states = () if hx is None else tuple(_batch_major(h, 1) for h in (hx if isinstance(hx, tuple) else (hx,)))
     batch_dim = 0 if module.batch_first else 1
     return _batch_major(x, batch_dim), states, (batch_dim, 1, 1), lambda w, x_i, s_i: run_recurrence(module, w, x_i, s_i)
