@@ -10,7 +10,7 @@ recorded inputs and output-gradients, without materializing J.
 | InstanceNorm (affine)                       | instance_norm.py | per-sample rows P (b, s, C)    | gram_per_sample              |
 | PReLU                                       | activation.py  | per-sample rows P (b, s, 1 or C) | gram_per_sample              |
 | EmbeddingBag                                | embedding_bag.py | bag tokens (b, L), G_i ∘ c_ij  | gram_embedding               |
-| RNN/GRU/LSTM                                | recurrent.py   | per-sample rows by torch.func    | gram_per_sample              |
+| RNN/GRU/LSTM and their cells                | recurrent.py   | per-sample rows by torch.func    | gram_per_sample              |
 | parametrized modules (W = P(original))      | parametrized.py | the module's rows for W, chained by vjp | gram_per_sample     |
 | any other module owning parameters          | generic.py     | per-sample rows by torch.func    | gram_per_sample              |
 
