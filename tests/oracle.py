@@ -6,9 +6,8 @@ import torch
 from torch import Tensor, nn
 
 
-def dense_gradient_and_gn(model: nn.Module, inputs, targets: Tensor, loss) -> tuple[Tensor, Tensor]:
-    """g = (1/b)Jᵀr and H = (1/b)JᵀQJ (flat, float64, trainable parameters in model order), by
-    materializing J (b·c × d); r and Q by autograd of `loss.per_sample` (an egn_fast Loss)."""
+def dense_jacobian(model: nn.Module, inputs) -> tuple[Tensor, Tensor]:
+    """The outputs (b, c) and J (b·c × d), float64, trainable parameters in model order."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach().double() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().double() for n, p in model.named_parameters() if not p.requires_grad}
@@ -25,7 +24,14 @@ def dense_gradient_and_gn(model: nn.Module, inputs, targets: Tensor, loss) -> tu
         out = f(params)
     b, c = out.shape
     jac = torch.func.jacrev(f)(params)
-    J = torch.cat([jac[n].reshape(b * c, -1) for n in names], 1)  # (b·c, d)
+    return out, torch.cat([jac[n].reshape(b * c, -1) for n in names], 1)
+
+
+def dense_gradient_and_gn(model: nn.Module, inputs, targets: Tensor, loss) -> tuple[Tensor, Tensor]:
+    """g = (1/b)Jᵀr and H = (1/b)JᵀQJ (flat, float64, trainable parameters in model order), by
+    materializing J (b·c × d); r and Q by autograd of `loss.per_sample` (an egn_fast Loss)."""
+    out, J = dense_jacobian(model, inputs)
+    b = out.shape[0]
     y = targets.double() if targets.is_floating_point() else targets
     y = loss.check_targets(out, y)
     # r and Q straight from autograd of the per-sample loss (independent of the loss head).
@@ -53,6 +59,18 @@ def unflat(model: nn.Module, v: Tensor) -> list[Tensor]:
 def dense_direction(model: nn.Module, inputs, targets: Tensor, loss, damping: float) -> list[Tensor]:
     """d = −(H + λI)⁻¹g with H = (1/b)JᵀQJ, g = (1/b)Jᵀr, by materializing J (b·c × d) in float64."""
     g, H = dense_gradient_and_gn(model, inputs, targets, loss)
+    return unflat(model, -torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), g))
+
+
+def dense_batch_loss_direction(model: nn.Module, inputs, targets: Tensor, batch_loss, damping: float) -> list[Tensor]:
+    """d = −(H + λI)⁻¹g for a loss given only as a batch value L(outputs (b, c), targets), e.g. a torch
+    loss module: g = Jᵀ∇L and H = Jᵀ(∇²L)J with ∇L, ∇²L of the whole batch by autograd, float64."""
+    out, J = dense_jacobian(model, inputs)
+    y = targets.double() if targets.is_floating_point() else targets
+    value = lambda v: batch_loss(v.view(out.shape), y)
+    v = out.reshape(-1)
+    g = J.T @ torch.func.grad(value)(v)
+    H = J.T @ torch.func.hessian(value)(v) @ J
     return unflat(model, -torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), g))
 
 
