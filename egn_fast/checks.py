@@ -5,8 +5,11 @@ of the error for each."""
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import Tensor, nn
 
 from .losses import NAMED_LOSSES, AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, ScaledLoss
@@ -21,6 +24,10 @@ __all__ = [
     "check_seq_method",
     "check_model",
     "check_params_in_model",
+    "check_trainable",
+    "per_sample_outputs",
+    "available_memory",
+    "check_row_space",
     "trainable",
     "group_of",
 ]
@@ -114,7 +121,10 @@ def check_seq_method(seq_method: str) -> str:
 
 def check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        hint = ""
+        if isinstance(model, Iterable):  # EGN(model.parameters()), the torch.optim idiom
+            hint = "; pass the model itself, e.g. EGN(model) rather than EGN(model.parameters()), and params=[…] to train only some of its parameters"
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     return model
 
 
@@ -122,6 +132,87 @@ def check_params_in_model(model: nn.Module, params: Iterable[nn.Parameter]) -> N
     owned = {id(p) for p in check_model(model).parameters()}
     if any(id(p) not in owned for p in params):
         raise ValueError("every parameter in the optimizer's param groups must be a parameter of the model")
+
+
+def check_trainable(model: nn.Module, params: list[nn.Parameter]) -> torch.device:
+    """The one device the trainable parameters live on; refuses several devices, the meta device
+    (no values to differentiate) and 0-dimensional parameters (the layer factors need a shape)."""
+    device = params[0].device
+    if any(p.device != device for p in params):
+        raise ValueError("the model's trainable parameters lie on several devices; egn_fast needs one")
+    if device.type == "meta":
+        raise ValueError("the model is on the meta device (parameters without values); load or initialize its weights first, e.g. model.to_empty(device='cpu') and then its init")
+    scalars = {id(p) for p in params if p.dim() == 0}
+    if scalars:
+        names = [n for n, p in model.named_parameters() if id(p) in scalars]
+        raise ValueError(f"parameter(s) {names} are 0-dimensional, which egn_fast does not support yet; give them shape (1,), e.g. nn.Parameter(torch.tensor([1.0]))")
+    return device
+
+
+def per_sample_outputs(out: Any) -> Tensor:
+    """The model's output (b, …) flattened to (b, c), or a ValueError saying what is wrong with it."""
+    if not isinstance(out, Tensor):
+        raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
+    if out.dim() == 0:
+        raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
+    if out.shape[0] == 0:
+        raise ValueError(f"the batch is empty (outputs of shape {tuple(out.shape)}); pass at least one sample")
+    if out[0].numel() == 0:
+        raise ValueError(f"the model's outputs {tuple(out.shape)} hold no values per sample")
+    return out.reshape(out.shape[0], -1)
+
+
+# Beyond this many rows a step that fits in memory still factors an m×m matrix (m³/3 flops): warn.
+LARGE_ROW_SPACE = 10_000
+ROW_SPACE_MATRICES = 3  # peak m×m matrices of a step: K, K + bλI, its Cholesky factor
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device` (CUDA: free plus torch's cached blocks; CPU: the
+    kernel's MemAvailable), or None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+
+def _size(n: float) -> str:
+    """A byte count for people: 5.4 kB, 12.3 MB, 4.1 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def check_row_space(b: int, s: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Before the Gram is built: refuse an m×m system (m = b·s) that cannot fit on `device`, with
+    the numbers and the ways out; warn once per size when it fits but m is large."""
+    m = b * s
+    need = ROW_SPACE_MATRICES * m * m * torch.finfo(dtype).bits // 8
+    ways_out = "use a smaller batch or fewer outputs per sample, or egn_fast.SGN (conjugate gradients, no m×m matrix)"
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"the row-space system has m = {m} rows (batch {b} × {s} per sample): its {m}×{m} {dtype} Gram and "
+            f"Cholesky need about {_size(need)}, {_size(have)} is available on {device}; {ways_out}"
+        )
+    if m > LARGE_ROW_SPACE:
+        warnings.warn(
+            f"egn_fast: m = {m} rows (batch {b} × {s} per sample): each step builds a {m}×{m} Gram "
+            f"({_size(need)} with its factor) and factors it (m³/3 ≈ {m**3 / 3:.1e} flops); if that is too slow, {ways_out}",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of build_system
+        )
 
 
 def trainable(groups: list[dict[str, Any]]) -> list[nn.Parameter]:

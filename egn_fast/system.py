@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture, Closure, Inputs, ModuleCall, forward_of, output_grads
-from .checks import LossSpec, check_damping, check_seq_method, resolve_loss
+from .checks import LossSpec, check_damping, check_row_space, check_seq_method, check_trainable, per_sample_outputs, resolve_loss
 from .clock import StageClock
 from .errors import NonFiniteError
 from .losses import LossHead
@@ -159,9 +159,7 @@ def build_system(
     forward = forward_of(model, inputs, targets, closure)
     params, hooked = collect_trainable(model, None if params is None else {id(p) for p in params})
     loss_fn = resolve_loss(loss)
-    device = params[0].device
-    if any(p.device != device for p in params):
-        raise ValueError("the model's trainable parameters lie on several devices; egn_fast needs one")
+    device = check_trainable(model, params)
     ops = get_backend(backend, device)
     check_seq_method(seq_method)
     if inputs is not None:
@@ -175,11 +173,7 @@ def build_system(
             with torch.enable_grad(), Capture(hooked) as capture:
                 out, targets = forward()
                 # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
-                f_flat = out.reshape(out.shape[0], -1) if isinstance(out, Tensor) and out.dim() else out
-            if not isinstance(out, Tensor):
-                raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
-            if out.dim() == 0:
-                raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
+                f_flat = per_sample_outputs(out)
             b = out.shape[0]
             if not torch.isfinite(f_flat).all():
                 raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
@@ -199,6 +193,8 @@ def build_system(
         if not torch.isfinite(head.per_sample).all():
             raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
         s = head.S.shape[2]
+        if gram:
+            check_row_space(b, s, acc_dtype, device)
 
     with clock("backward"):
         calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]

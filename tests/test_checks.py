@@ -17,6 +17,7 @@ def small_mlp():
 
 ENTRY_POINTS = {
     "direction": lambda model, damping: egn_fast.direction(model, torch.randn(4, 3), torch.randn(4, 2), damping=damping),
+    "direction_with_info": lambda model, damping: egn_fast.direction_with_info(model, torch.randn(4, 3), torch.randn(4, 2), damping=damping),
     "EGN": lambda model, damping: egn_fast.EGN(model, damping=damping),
     "SGN": lambda model, damping: egn_fast.SGN(model, damping=damping),
     "EGNPreconditioner": lambda model, damping: egn_fast.EGNPreconditioner(model, damping=damping),
