@@ -220,3 +220,14 @@ def test_jittered_solves_are_counted_not_printed(recwarn):
     run = convergence.train_run(task, spec, {"damping": 0.0}, data, "test", 0, task.steps, torch.device("cpu"), lambda k: None)
     assert run.diverged is None and run.jittered_solves == task.steps
     assert not [w for w in recwarn if "jitter" in str(w.message)]
+
+
+def test_quick_run_verdict_and_header_say_what_was_run():
+    task = synthetic_task()
+    row = lambda name, final, t: {"optimizer": name, "final": final, "time_to_target": t}  # noqa: E731
+    text = convergence_report.verdict(task, [row("egn", (0.20, 0.0), 2.0), row("adam", (0.25, 0.0), 1.0)], quick=True)
+    assert "EGN ahead in this smoke run (one grid point per optimizer, untuned" in text and "wins" not in text
+    report = {"machine": {"cpu": "x", "torch_threads": 1, "torch": "t"}, "settings": {"device": "cpu", "seeds": [0], "quick": True},
+              "tasks": []}
+    header = convergence_report.markdown(report)
+    assert "Quick smoke run: one grid point per optimizer, untuned" in header and "tuned on its grid" not in header
