@@ -98,6 +98,7 @@ class RowSpaceSystem:
 
     def solve_eigen(self, eig: EigenSolver, damping: float) -> Solution:
         """γ for damping λ > 0 from a precomputed eigendecomposition of K."""
+        damping = check_damping(damping)
         return self._solution(damping, eig.solve(self.w, self.b * damping), 0.0)
 
     def _solution(self, damping: float, gamma: Tensor, jitter: float) -> Solution:

@@ -15,6 +15,10 @@ def small_mlp():
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
 
 
+def _system(model):
+    return egn_fast.build_system(model, torch.randn(4, 3), torch.randn(4, 2))
+
+
 ENTRY_POINTS = {
     "direction": lambda model, damping: egn_fast.direction(model, torch.randn(4, 3), torch.randn(4, 2), damping=damping),
     "direction_with_info": lambda model, damping: egn_fast.direction_with_info(model, torch.randn(4, 3), torch.randn(4, 2), damping=damping),
@@ -22,6 +26,7 @@ ENTRY_POINTS = {
     "SGN": lambda model, damping: egn_fast.SGN(model, damping=damping),
     "EGNPreconditioner": lambda model, damping: egn_fast.EGNPreconditioner(model, damping=damping),
     "RowSpaceSystem.solve": lambda model, damping: egn_fast.build_system(model, torch.randn(4, 3), torch.randn(4, 2)).solve(damping),
+    "RowSpaceSystem.solve_eigen": lambda model, damping: _system(model).solve_eigen(_system(model).eigen(), damping),
 }
 BAD_DAMPING = [-1.0, math.nan, math.inf, None, "1.0", True, torch.ones(2)]
 
