@@ -1,25 +1,30 @@
-"""Plan: the checks a model must pass before it runs, and which rule covers which parameter.
+"""Plan: the checks a model must pass before it runs, which rule covers which parameter, and
+where the samples lie in every recorded tensor.
 
-`collect_trainable` lists the parameters J is taken with respect to and the modules to hook. After the
-first captured forward, `plan_for` assigns every such parameter that reaches the loss to a rule:
-the registered rule of the called module that owns it (egn_fast.rules), else the generic
-torch.func rule of the innermost called module that contains it. Plans are cached per model.
+`collect_trainable` lists the parameters J is taken with respect to and the modules to hook.
+`capture_planned` runs the captured forward; for a call pattern it has not seen, `plan_for`
+assigns every such parameter that reaches the loss to a rule (the registered rule of the called
+module that owns it, egn_fast.rules, else the generic torch.func rule of the innermost called
+module that contains it) and probes the batch layout of every recorded output
+(egn_fast.layout). Plans are cached per model.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import Capture, Inputs, params_reached_outside
+from .capture import Capture, Closure, Inputs, ModuleCall, params_reached_outside
 from .checks import check_model
-from .rules import Rule, registry_version, rule_for
+from .errors import NonFiniteError
+from .layout import BatchDim, find_batch_dim, probe_grads
+from .rules import Rule, generic_in_dims, registry_version, rule_for
 
-__all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for"]
+__all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for", "capture_planned"]
 
 
 def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
@@ -65,39 +70,202 @@ def check_inputs(inputs: Inputs, device: torch.device) -> None:
             raise ValueError(f"inputs are on {x.device} but the model's parameters are on {device}")
 
 
+# A recorded output is named by (module, call number, output number among its recorded outputs).
+OutputKey = tuple[nn.Module, int, int]
+
+
 @dataclass
 class Plan:
-    """Which rule handles which module, decided after a forward pass.
+    """Which rule handles which module, and where the samples lie, decided after a forward pass.
 
     specific: (qualified name, module, its registered rule); generic: (qualified name, module,
-    {name relative to the module: parameter}) for the torch.func rule.
+    {name relative to the module: parameter}) for the torch.func rule. layouts: per planned
+    module, per call, the batch layout of each recorded output; in_dims: per generic module, per
+    call, the batch layout of each tensor among its arguments (None: the same for every sample).
+    shared: outputs found shared by all samples in this capture, to be expanded (then the plan is
+    made again from a capture that expands them).
     """
 
     specific: list[tuple[str, nn.Module, Rule]]
     generic: list[tuple[str, nn.Module, dict[str, nn.Parameter]]]
+    layouts: dict[nn.Module, list[list[BatchDim]]] = field(default_factory=dict)
+    in_dims: dict[nn.Module, list[tuple[BatchDim | None, ...]]] = field(default_factory=dict)
+    shared: dict[OutputKey, tuple] = field(default_factory=dict)
 
     def modules(self) -> list[nn.Module]:
         return [m for _, m, _ in self.specific] + [m for _, m, _ in self.generic]
 
+    def apply(self, capture: Capture) -> None:
+        """Give every planned call its outputs' batch layouts."""
+        for m, per_call in self.layouts.items():
+            for call, layouts in zip(capture.calls[m], per_call):
+                call.layouts = list(layouts)
+
 
 # Plans per model. The key holds everything a plan is made from: which modules were called how
-# often, which parameters J is taken with respect to, and the rule registry's state.
+# often with which shapes (and which outputs were expanded), which parameters J is taken with
+# respect to, which of them the graph reaches outside the rules' modules, and the rule registry.
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
+# Per model: the batch size and the outputs that its last plan found shared (egn_fast.layout).
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple]]]" = weakref.WeakKeyDictionary()
 
 
-def plan_for(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> Plan:
-    """The cached plan for this call pattern, or a new one (one walk of f's autograd graph)."""
-    key = (tuple((id(m), len(c)) for m, c in capture.calls.items()), tuple(sorted(trainable)), registry_version())
+def _call_pattern(capture: Capture) -> tuple:
+    return tuple(
+        (id(m), tuple((tuple(tuple(t.shape) for t in c.inputs + c.outputs), c.expanded) for c in calls))
+        for m, calls in capture.calls.items()
+    )
+
+
+def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[int]) -> Plan:
+    """The cached plan for this call pattern, or a new one (one walk of the autograd graph, one
+    probe backward and, for generic modules with ambiguous arguments, trial per-sample forwards)."""
+    specific = _specific_modules(model, capture, trainable)
+    reached = params_reached_outside(f_flat, [c for _, m, _ in specific for c in capture.calls[m]])
+    key = (_call_pattern(capture), tuple(sorted(trainable)), frozenset(reached), registry_version())
     cache = _PLANS.setdefault(model, {})
     plan = cache.get(key)
     # ids can be reused by a module that replaced a freed one: the plan must name these modules
     if plan is None or not all(m in capture.calls for m in plan.modules()):
-        plan = cache[key] = _make_plan(model, capture, f, trainable)
+        plan = _make_plan(model, capture, f_flat, trainable, specific, reached)
+        if not plan.shared:
+            cache[key] = plan
     return plan
 
 
-def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> Plan:
-    """Assign every trainable parameter that reaches the loss to a rule.
+def _specific_modules(model: nn.Module, capture: Capture, trainable: set[int]) -> list[tuple[str, nn.Module, Rule]]:
+    names = {m: n for n, m in model.named_modules()}
+    specific = []
+    for m in capture.calls:
+        rule = rule_for(m)
+        if rule is not None and any(id(p) in trainable for p in m.parameters(recurse=False)):
+            specific.append((names[m], m, rule))
+    return specific
+
+
+class _ModelState:
+    """The model's buffers and the RNG state before a forward, to undo what a forward did
+    (running statistics, power iterations, dropout draws) before it runs again or on an error:
+    the user's forward changes them exactly once per step."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.buffers = [(buf, buf.clone()) for buf in model.buffers()]
+        self.device = device
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+
+
+def _check_outputs(out: object, f_flat: object) -> None:
+    if not isinstance(out, Tensor):
+        raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
+    if out.dim() == 0:
+        raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
+    if not torch.isfinite(f_flat).all():
+        raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
+    if not f_flat.requires_grad:
+        raise ValueError("the model's outputs do not depend on any trainable parameter")
+
+
+def capture_planned(
+    model: nn.Module, forward: Closure, hooked: list[nn.Module], trainable: set[int], device: torch.device
+) -> tuple[Capture, Tensor, object, Plan]:
+    """Run the captured forward and plan it: (capture, f_flat (b, c), targets, plan), the plan's
+    layouts applied to the calls. Buffers and RNG state are restored before every re-run and on
+    any error, so the model's own forward takes effect once."""
+    state = _ModelState(model, device)
+    try:
+        return _capture_planned(model, forward, hooked, trainable, state)
+    except BaseException:
+        state.restore()
+        raise
+
+
+def _capture_planned(
+    model: nn.Module, forward: Closure, hooked: list[nn.Module], trainable: set[int], state: _ModelState
+) -> tuple[Capture, Tensor, object, Plan]:
+    names = {m: n for n, m in model.named_modules()}
+    b_shared, expand = _SHARED.get(model, (0, {}))
+    newest: dict[OutputKey, tuple] = {}  # the expansion this attempt tries for the first time
+    reference: Tensor | None = None  # f before it, which the expansion must leave unchanged
+    for attempt in range(5):
+        if attempt:
+            state.restore()
+        try:
+            with torch.enable_grad(), Capture(hooked, expand, b_shared) as capture:
+                out, targets = forward()
+                # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
+                f_flat = out.reshape(out.shape[0], -1) if isinstance(out, Tensor) and out.dim() else out
+        except Exception as err:
+            if newest:
+                raise _mixing_error(names, next(iter(newest))) from err
+            if not expand:
+                raise
+            expand = {}  # expansions made for another batch size broke the forward: plan afresh
+            continue
+        _check_outputs(out, f_flat)
+        b = out.shape[0]
+        if any(c.expanded for calls in capture.calls.values() for c in calls) and not newest:
+            if b != b_shared or _target_batch(targets) not in (None, b):
+                expand = {}  # made for another batch size
+                continue
+        if newest and not _unchanged(reference, f_flat):
+            raise _mixing_error(names, next(iter(newest)))
+        plan = plan_for(model, capture, f_flat, trainable)
+        if plan.shared:
+            if newest:  # already expanded once and still not per-sample
+                raise _mixing_error(names, next(iter(plan.shared)))
+            reference, newest = f_flat.detach(), plan.shared
+            expand, b_shared = {**expand, **plan.shared}, b
+            continue
+        newest = {}
+        # A model that edits a recorded tensor in place (ReLU(inplace=True) after a layer, x += …)
+        # would corrupt our factors: remember those modules and capture again with copies.
+        if capture.stale_modules(plan.modules()):
+            continue
+        _SHARED[model] = (b, expand)
+        plan.apply(capture)
+        return capture, f_flat, targets, plan
+    raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
+
+
+def _target_batch(targets: object) -> int | None:
+    return targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
+
+
+def _unchanged(reference: Tensor, f_flat: Tensor) -> bool:
+    """Whether expanding shared outputs left the model's outputs as they were."""
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return reference.shape == f_flat.shape and torch.allclose(reference, f_flat.detach(), rtol=1e-5, atol=1e-6 * scale)
+
+
+def _mixing_error(names: dict[nn.Module, str], key: OutputKey) -> ValueError:
+    module, n, q = key
+    return ValueError(
+        f"module {names.get(module, '')!r} ({type(module).__name__}): each sample's output depends on "
+        f"other samples' values of this module's output (call {n}, output {q}) — the model mixes samples "
+        "after it (e.g. x - x.mean(0), F.batch_norm(training=True), attention or pooling over the batch "
+        "dimension), so per-sample Jacobian rows do not exist; compute that step per sample (eval-mode "
+        "statistics, a per-sample norm such as LayerNorm/GroupNorm)"
+    )
+
+
+def _make_plan(
+    model: nn.Module,
+    capture: Capture,
+    f_flat: Tensor,
+    trainable: set[int],
+    specific: list[tuple[str, nn.Module, Rule]],
+    reached: set[int],
+) -> Plan:
+    """Assign every trainable parameter that reaches the loss to a rule, then probe the layouts.
 
     A called module with a registered rule covers its own parameters. Every other parameter the
     autograd graph reaches (custom modules, modules used functionally by a parent, parameters
@@ -109,15 +277,7 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
     for m in model.modules():
         for child in m.children():
             parents.setdefault(child, m)
-    specific, covered = [], set()
-    for m in capture.calls:
-        rule = rule_for(m)
-        own = [p for p in m.parameters(recurse=False) if id(p) in trainable]
-        if rule is not None and own:
-            specific.append((names[m], m, rule))
-            covered.update(id(p) for p in own)
-    regions = [c for _, m, _ in specific for c in capture.calls[m]]
-    reached = params_reached_outside(f, regions)
+    covered = {id(p) for _, m, _ in specific for p in m.parameters(recurse=False) if id(p) in trainable}
     generic: dict[nn.Module, dict[str, nn.Parameter]] = {}
     for owner in model.modules():
         for pname, p in owner.named_parameters(recurse=False):
@@ -134,4 +294,39 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
                 path.insert(0, names[host].rsplit(".", 1)[-1])
                 host = parents[host]
             generic.setdefault(host, {})[".".join(path)] = p
-    return Plan(specific, [(names[m], m, ps) for m, ps in generic.items()])
+    plan = Plan(specific, [(names[m], m, ps) for m, ps in generic.items()])
+    _probe(plan, capture, f_flat, names)
+    return plan
+
+
+def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, str]) -> None:
+    """Fill plan.layouts (or plan.shared) from one probe backward, then plan.in_dims."""
+    b = f_flat.shape[0]
+    calls = [(m, n, c) for m in plan.modules() for n, c in enumerate(capture.calls[m])]
+    generic = {m for _, m, _ in plan.generic}
+    # the generic rule also needs its differentiable arguments' layouts
+    args = [x for m, _, c in calls if m in generic for x in c.inputs if x.requires_grad]
+    zs = [z for _, _, c in calls for z in c.outputs]
+    grads = probe_grads(f_flat, zs + args) if zs + args else []
+    found = [BatchDim(0) if g is None else find_batch_dim(*g, b) for g in grads]
+    layout_of = {id(x): d for x, d in zip(zs + args, found)}
+    for m, n, c in calls:
+        per_call = plan.layouts.setdefault(m, [])
+        per_call.append([layout_of[id(z)] or BatchDim(0) for z in c.outputs])
+        for q, z in enumerate(c.outputs):
+            if layout_of[id(z)] is None:
+                if q in c.expanded:  # an expanded output is (b, …) with sample i at i by construction
+                    raise _mixing_error(names, (m, n, q))
+                plan.shared[(m, n, q)] = tuple(z.shape)
+    if plan.shared:
+        return
+    reaching = {id(z) for z, g in zip(zs, grads) if g is not None}
+    for _, m, ps in plan.generic:
+        plan.in_dims[m] = []
+        for n, c in enumerate(capture.calls[m]):
+            c.layouts = list(plan.layouts[m][n])
+            if not any(id(z) in reaching for z in c.outputs):  # the rule skips this call
+                plan.in_dims[m].append((None,) * len(c.inputs))
+                continue
+            probed = [layout_of.get(id(x)) for x in c.inputs]
+            plan.in_dims[m].append(generic_in_dims(m, c, ps, b, names[m], probed))

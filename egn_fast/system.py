@@ -23,7 +23,7 @@ from .clock import StageClock
 from .errors import NonFiniteError
 from .losses import LossHead
 from .ops import Backend, get_backend
-from .plan import Plan, check_inputs, collect_trainable, plan_for
+from .plan import Plan, capture_planned, check_inputs, collect_trainable
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .solve import EigenSolver, damped_solve
 
@@ -171,27 +171,8 @@ def build_system(
     clock = StageClock(device, timings)
 
     with clock("forward"):
-        for attempt in range(2):
-            with torch.enable_grad(), Capture(hooked) as capture:
-                out, targets = forward()
-                # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
-                f_flat = out.reshape(out.shape[0], -1) if isinstance(out, Tensor) and out.dim() else out
-            if not isinstance(out, Tensor):
-                raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
-            if out.dim() == 0:
-                raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
-            b = out.shape[0]
-            if not torch.isfinite(f_flat).all():
-                raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
-            if not f_flat.requires_grad:
-                raise ValueError("the model's outputs do not depend on any trainable parameter")
-            plan = plan_for(model, capture, out, trainable)
-            # A model that edits a recorded tensor in place (ReLU(inplace=True) after a layer, x += …)
-            # would corrupt our factors: remember those modules and capture again with copies.
-            if not capture.stale_modules(plan.modules()):
-                break
-        else:
-            raise RuntimeError("recorded layer inputs/outputs are still modified in place after copying them")
+        capture, f_flat, targets, plan = capture_planned(model, forward, hooked, trainable, device)
+        b = f_flat.shape[0]
 
     with clock("loss_head"):
         targets = loss_fn.check_targets(f_flat, targets)
@@ -203,7 +184,7 @@ def build_system(
     with clock("backward"):
         calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]
         output_grads(f_flat, head.S.permute(2, 0, 1).to(f_flat.dtype), calls)
-        del out, f_flat
+        del f_flat
 
     with clock("gram"):
         with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
@@ -236,7 +217,7 @@ def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) 
                 )
             factors.append(f)
     for name, m, ps in plan.generic:
-        f = generic_factors(m, capture.calls[m], replace(ctx, name=name), ps)
+        f = generic_factors(m, capture.calls[m], replace(ctx, name=name), ps, plan.in_dims[m])
         if f is not None:
             factors.append(f)
     capture.calls.clear()
