@@ -2,7 +2,7 @@
 where the samples lie in every recorded tensor.
 
 `collect_trainable` lists the parameters J is taken with respect to and the modules to hook.
-`capture_planned` runs the captured forward; for a call pattern it has not seen, `plan_for`
+After a captured forward (egn_fast.forward), for a call pattern it has not seen, `plan_for`
 assigns every such parameter that reaches the loss to a rule (the registered rule of the called
 module that owns it, egn_fast.rules, else the generic torch.func rule of the innermost called
 module that contains it) and probes the batch layout of every recorded output
@@ -18,13 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import Capture, Closure, Inputs, ModuleCall, params_reached_outside
+from .capture import Capture, Inputs, params_reached_outside
 from .checks import check_model
-from .errors import NonFiniteError
 from .layout import BatchDim, find_batch_dim, probe_grads
 from .rules import Rule, generic_in_dims, registry_version, rule_for
 
-__all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for", "capture_planned"]
+__all__ = ["Plan", "OutputKey", "collect_trainable", "check_inputs", "plan_for", "mixing_error"]
 
 
 def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
@@ -106,8 +105,6 @@ class Plan:
 # often with which shapes (and which outputs were expanded), which parameters J is taken with
 # respect to, which of them the graph reaches outside the rules' modules, and the rule registry.
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
-# Per model: the batch size and the outputs that its last plan found shared (egn_fast.layout).
-_SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple]]]" = weakref.WeakKeyDictionary()
 
 
 def _call_pattern(capture: Capture) -> tuple:
@@ -143,110 +140,7 @@ def _specific_modules(model: nn.Module, capture: Capture, trainable: set[int]) -
     return specific
 
 
-class _ModelState:
-    """The model's buffers and the RNG state before a forward, to undo what a forward did
-    (running statistics, power iterations, dropout draws) before it runs again or on an error:
-    the user's forward changes them exactly once per step."""
-
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.buffers = [(buf, buf.clone()) for buf in model.buffers()]
-        self.device = device
-        self.rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for buf, saved in self.buffers:
-                buf.copy_(saved)
-        torch.set_rng_state(self.rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.device)
-
-
-def _check_outputs(out: object, f_flat: object) -> None:
-    if not isinstance(out, Tensor):
-        raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
-    if out.dim() == 0:
-        raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
-    if not torch.isfinite(f_flat).all():
-        raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
-    if not f_flat.requires_grad:
-        raise ValueError("the model's outputs do not depend on any trainable parameter")
-
-
-def capture_planned(
-    model: nn.Module, forward: Closure, hooked: list[nn.Module], trainable: set[int], device: torch.device
-) -> tuple[Capture, Tensor, object, Plan]:
-    """Run the captured forward and plan it: (capture, f_flat (b, c), targets, plan), the plan's
-    layouts applied to the calls. Buffers and RNG state are restored before every re-run and on
-    any error, so the model's own forward takes effect once."""
-    state = _ModelState(model, device)
-    try:
-        return _capture_planned(model, forward, hooked, trainable, state)
-    except BaseException:
-        state.restore()
-        raise
-
-
-def _capture_planned(
-    model: nn.Module, forward: Closure, hooked: list[nn.Module], trainable: set[int], state: _ModelState
-) -> tuple[Capture, Tensor, object, Plan]:
-    names = {m: n for n, m in model.named_modules()}
-    b_shared, expand = _SHARED.get(model, (0, {}))
-    newest: dict[OutputKey, tuple] = {}  # the expansion this attempt tries for the first time
-    reference: Tensor | None = None  # f before it, which the expansion must leave unchanged
-    for attempt in range(5):
-        if attempt:
-            state.restore()
-        try:
-            with torch.enable_grad(), Capture(hooked, expand, b_shared) as capture:
-                out, targets = forward()
-                # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
-                f_flat = out.reshape(out.shape[0], -1) if isinstance(out, Tensor) and out.dim() else out
-        except Exception as err:
-            if newest:
-                raise _mixing_error(names, next(iter(newest))) from err
-            if not expand:
-                raise
-            expand = {}  # expansions made for another batch size broke the forward: plan afresh
-            continue
-        _check_outputs(out, f_flat)
-        b = out.shape[0]
-        if any(c.expanded for calls in capture.calls.values() for c in calls) and not newest:
-            if b != b_shared or _target_batch(targets) not in (None, b):
-                expand = {}  # made for another batch size
-                continue
-        if newest and not _unchanged(reference, f_flat):
-            raise _mixing_error(names, next(iter(newest)))
-        plan = plan_for(model, capture, f_flat, trainable)
-        if plan.shared:
-            if newest:  # already expanded once and still not per-sample
-                raise _mixing_error(names, next(iter(plan.shared)))
-            reference, newest = f_flat.detach(), plan.shared
-            expand, b_shared = {**expand, **plan.shared}, b
-            continue
-        newest = {}
-        # A model that edits a recorded tensor in place (ReLU(inplace=True) after a layer, x += …)
-        # would corrupt our factors: remember those modules and capture again with copies.
-        if capture.stale_modules(plan.modules()):
-            continue
-        _SHARED[model] = (b, expand)
-        plan.apply(capture)
-        return capture, f_flat, targets, plan
-    raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
-
-
-def _target_batch(targets: object) -> int | None:
-    return targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
-
-
-def _unchanged(reference: Tensor, f_flat: Tensor) -> bool:
-    """Whether expanding shared outputs left the model's outputs as they were."""
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return reference.shape == f_flat.shape and torch.allclose(reference, f_flat.detach(), rtol=1e-5, atol=1e-6 * scale)
-
-
-def _mixing_error(names: dict[nn.Module, str], key: OutputKey) -> ValueError:
+def mixing_error(names: dict[nn.Module, str], key: OutputKey) -> ValueError:
     module, n, q = key
     return ValueError(
         f"module {names.get(module, '')!r} ({type(module).__name__}): each sample's output depends on "
@@ -316,7 +210,7 @@ def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, 
         for q, z in enumerate(c.outputs):
             if layout_of[id(z)] is None:
                 if q in c.expanded:  # an expanded output is (b, …) with sample i at i by construction
-                    raise _mixing_error(names, (m, n, q))
+                    raise mixing_error(names, (m, n, q))
                 plan.shared[(m, n, q)] = tuple(z.shape)
     if plan.shared:
         return

@@ -23,7 +23,8 @@ from .clock import StageClock
 from .errors import NonFiniteError
 from .losses import LossHead
 from .ops import Backend, get_backend
-from .plan import Plan, capture_planned, check_inputs, collect_trainable
+from .forward import capture_planned
+from .plan import Plan, check_inputs, collect_trainable
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .solve import EigenSolver, damped_solve
 
@@ -171,7 +172,8 @@ def build_system(
     clock = StageClock(device, timings)
 
     with clock("forward"):
-        capture, f_flat, targets, plan = capture_planned(model, forward, hooked, trainable, device)
+        b_known = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
+        capture, f_flat, targets, plan = capture_planned(model, forward, hooked, trainable, device, b_known)
         b = f_flat.shape[0]
 
     with clock("loss_head"):
