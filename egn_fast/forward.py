@@ -8,6 +8,8 @@ so the user's forward takes effect exactly once per step.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -16,13 +18,13 @@ from .capture import Capture, Closure
 from .errors import NonFiniteError
 from .plan import OutputKey, Plan, mixing_error, plan_for
 
-__all__ = ["capture_planned"]
+__all__ = ["ModelState", "undone_on_error", "capture_planned"]
 
 # Per model: the batch size and the outputs that its last plan found shared (egn_fast.layout).
 _SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple]]]" = weakref.WeakKeyDictionary()
 
 
-class _ModelState:
+class ModelState:
     """The model's buffers and the RNG state before a forward, to undo what a forward did
     (running statistics, power iterations, dropout draws) before it runs again or on an error:
     the user's forward changes them exactly once per step."""
@@ -53,34 +55,29 @@ def _check_outputs(out: object, f_flat: object) -> None:
         raise ValueError("the model's outputs do not depend on any trainable parameter")
 
 
-def capture_planned(
-    model: nn.Module,
-    forward: Closure,
-    hooked: list[nn.Module],
-    trainable: set[int],
-    device: torch.device,
-    batch_size: int | None = None,
-) -> tuple[Capture, Tensor, object, Plan]:
-    """Run the captured forward and plan it: (capture, f_flat (b, c), targets, plan), the plan's
-    layouts applied to the calls. batch_size: b when known before the forward (the targets'),
-    else the last plan's is assumed for shared tensors and checked. Buffers and RNG state are
-    restored before every re-run and on any error, so the model's own forward takes effect once."""
-    state = _ModelState(model, device)
+@contextmanager
+def undone_on_error(model: nn.Module, device: torch.device) -> Iterator[ModelState]:
+    """The model's state before the block; restored if the block raises."""
+    state = ModelState(model, device)
     try:
-        return _capture_planned(model, forward, hooked, trainable, state, batch_size)
+        yield state
     except BaseException:
         state.restore()
         raise
 
 
-def _capture_planned(
+def capture_planned(
     model: nn.Module,
     forward: Closure,
     hooked: list[nn.Module],
     trainable: set[int],
-    state: _ModelState,
-    batch_size: int | None,
+    state: ModelState,
+    batch_size: int | None = None,
 ) -> tuple[Capture, Tensor, object, Plan]:
+    """Run the captured forward and plan it: (capture, f_flat (b, c), targets, plan), the plan's
+    layouts applied to the calls. batch_size: b when known before the forward (the targets'),
+    else the last plan's is assumed for shared tensors and checked. `state` (taken before the
+    first forward) is restored before every re-run, so the model's own forward takes effect once."""
     names = {m: n for n, m in model.named_modules()}
     b_shared, expand = _SHARED.get(model, (0, {}))
     b_shared = batch_size or b_shared  # which outputs are shared does not depend on b

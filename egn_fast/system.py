@@ -23,7 +23,7 @@ from .clock import StageClock
 from .errors import NonFiniteError
 from .losses import LossHead
 from .ops import Backend, get_backend
-from .forward import capture_planned
+from .forward import capture_planned, undone_on_error
 from .plan import Plan, check_inputs, collect_trainable
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .solve import EigenSolver, damped_solve
@@ -171,37 +171,38 @@ def build_system(
     trainable = {id(p) for p in params}
     clock = StageClock(device, timings)
 
-    with clock("forward"):
-        b_known = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
-        capture, f_flat, targets, plan = capture_planned(model, forward, hooked, trainable, device, b_known)
-        b = f_flat.shape[0]
+    with undone_on_error(model, device) as state:  # a refused call leaves buffers and RNG as they were
+        with clock("forward"):
+            b_known = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
+            capture, f_flat, targets, plan = capture_planned(model, forward, hooked, trainable, state, b_known)
+            b = f_flat.shape[0]
 
-    with clock("loss_head"):
-        targets = loss_fn.check_targets(f_flat, targets)
-        head = loss_fn.head(f_flat.detach(), targets, ops)
-        if not torch.isfinite(head.per_sample).all():
-            raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
-        s = head.S.shape[2]
+        with clock("loss_head"):
+            targets = loss_fn.check_targets(f_flat, targets)
+            head = loss_fn.head(f_flat.detach(), targets, ops)
+            if not torch.isfinite(head.per_sample).all():
+                raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
+            s = head.S.shape[2]
 
-    with clock("backward"):
-        calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]
-        output_grads(f_flat, head.S.permute(2, 0, 1).to(f_flat.dtype), calls)
-        del f_flat
+        with clock("backward"):
+            calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]
+            output_grads(f_flat, head.S.permute(2, 0, 1).to(f_flat.dtype), calls)
+            del f_flat
 
-    with clock("gram"):
-        with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
-            ctx = RuleContext("", b, s, acc_dtype, frozenset(trainable), seq_method)
-            factors = layer_factors(plan, capture, ctx, ops)
-            K = None
-            if gram:
-                K = torch.zeros(b * s, b * s, dtype=acc_dtype, device=device)
-                for f in factors:
-                    f.add_gram(K, ops)
-        # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
-        if K is not None and not torch.isfinite(K.diagonal().sum()):
-            raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
-    w = head.w.reshape(-1).to(acc_dtype)
-    return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock)
+        with clock("gram"):
+            with torch.no_grad():  # torch.func transforms in the generic rule still differentiate
+                ctx = RuleContext("", b, s, acc_dtype, frozenset(trainable), seq_method)
+                factors = layer_factors(plan, capture, ctx, ops)
+                K = None
+                if gram:
+                    K = torch.zeros(b * s, b * s, dtype=acc_dtype, device=device)
+                    for f in factors:
+                        f.add_gram(K, ops)
+            # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
+            if K is not None and not torch.isfinite(K.diagonal().sum()):
+                raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
+        w = head.w.reshape(-1).to(acc_dtype)
+        return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock)
 
 
 def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) -> list[Factors]:
