@@ -64,7 +64,10 @@ def find_batch_dim(first: Tensor, last: Tensor, b: int) -> BatchDim | None:
     (z is shared, or samples mix downstream of it)."""
     nz_first, nz_last = first != 0, last != 0
     if not (nz_first.any() or nz_last.any()):
-        return None
+        # neither probed sample's output depends on z at all (both fully masked or dead after a
+        # ReLU): the probe cannot tell; assume the usual leading batch dimension
+        return BatchDim(0) if first.dim() and first.shape[0] == b else None
+
     plain, folded = [], []
     for k, size in enumerate(first.shape):
         if size % b == 0:
