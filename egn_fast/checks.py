@@ -1,6 +1,6 @@
 """Argument checks shared by `direction`/`build_system`, `EGN`, `SGN` and `EGNPreconditioner`:
-one definition of what a valid damping, lr, loss, model and parameter list is, and one wording
-of the error for each."""
+one definition of what a valid damping, lr, loss (named, a Loss, a torch loss module, a callable),
+model, parameter list, model output and row-space size is, and one wording of the error for each."""
 
 from __future__ import annotations
 
@@ -79,17 +79,26 @@ def from_torch_loss(module: nn.Module) -> Loss:
             f"loss=torch.nn.{kind}(reduction={module.reduction!r}) is not supported: egn_fast's loss is a "
             "batch mean; use reduction='mean'"
         )
-    options = {k: getattr(module, k) for k in TORCH_LOSS_DEFAULTS if hasattr(module, k)}
-    changed = [k for k, v in options.items() if (v is not None if TORCH_LOSS_DEFAULTS[k] is None else v != TORCH_LOSS_DEFAULTS[k])]
+    changed = _changed_options(module)
     if changed:
         raise ValueError(
-            f"loss=torch.nn.{kind}({', '.join(f'{k}=' + ('…' if isinstance(options[k], Tensor) else repr(options[k])) for k in changed)}) is not supported: only the default "
-            f"options are; for a weighted or smoothed loss pass a per-sample callable fn(f_i, y_i) -> scalar"
+            f"loss=torch.nn.{kind}({', '.join(changed)}) is not supported: only the default options are; "
+            "for a weighted or smoothed loss pass a per-sample callable fn(f_i, y_i) -> scalar"
         )
     base, factor, per_output = TORCH_LOSSES[type(module)]
     if factor == 1 and not per_output:
         return base()
     return ScaledLoss(base(), factor, per_output, f"torch.nn.{kind}")
+
+
+def _changed_options(module: nn.Module) -> list[str]:
+    """"name=value" for each option of TORCH_LOSS_DEFAULTS that `module` has and sets otherwise."""
+    changed = []
+    for name, default in TORCH_LOSS_DEFAULTS.items():
+        value = getattr(module, name, default)
+        if value is not default and (default is None or value != default):
+            changed.append(f"{name}={'…' if isinstance(value, Tensor) else repr(value)}")
+    return changed
 
 
 def finite_nonnegative(name: str, value: Any) -> float:
