@@ -13,6 +13,7 @@ the table (markdown), the curves (JSON) and a PNG plot into --out.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -24,10 +25,19 @@ from pathlib import Path
 import torch
 
 from . import training
+from .optim import EGN
 from .training import Dataset, History
 
 DEMO_DATASETS = ("diabetes", "digits")
-DEFAULT_DAMPING = 1.0
+
+
+def _default(fn: object, name: str) -> float:
+    """The default value of argument `name` of `fn` (what a run gets when the option is not given)."""
+    return inspect.signature(fn).parameters[name].default
+
+
+DEFAULT_DAMPING = _default(EGN, "damping")
+DEFAULT_LR = {"egn": _default(EGN, "lr"), "adam": _default(torch.optim.Adam, "lr"), "sgd": _default(torch.optim.SGD, "lr")}
 
 
 def _optimizer_list(text: str) -> list[str]:
@@ -113,10 +123,11 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, op
 def disclosure(args: argparse.Namespace, optimizers: list[str]) -> str:
     """One line: the settings each optimizer runs with, saying which are defaults (Adam and SGD at
     torch's default lr are not tuned)."""
-    egn = f"lr {args.egn_lr or 1.0}, damping {DEFAULT_DAMPING if args.damping is None else args.damping}"
+    lrs = {n: getattr(args, f"{n}_lr") or DEFAULT_LR[n] for n in DEFAULT_LR}
+    egn = f"lr {lrs['egn']:g}, damping {DEFAULT_DAMPING if args.damping is None else args.damping:g}"
     egn += (", Armijo line search" if args.line_search else "") + (", adaptive damping" if args.adaptive_damping else "")
-    settings = {"egn": egn, "adam": f"lr {args.adam_lr or 1e-3}", "sgd": f"lr {args.sgd_lr or 1e-3}"}
-    untuned = [n for n, lr in (("adam", args.adam_lr), ("sgd", args.sgd_lr)) if n in optimizers and lr is None]
+    settings = {"egn": egn, "adam": f"lr {lrs['adam']:g}", "sgd": f"lr {lrs['sgd']:g}"}
+    untuned = [n for n in ("adam", "sgd") if n in optimizers and getattr(args, f"{n}_lr") is None]
     note = f" ({' and '.join(untuned)} at torch's default lr, not tuned: set --adam-lr/--sgd-lr)" if untuned else ""
     return "Settings: " + "; ".join(f"{n} {settings[n]}" for n in optimizers) + note + "."
 

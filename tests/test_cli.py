@@ -108,8 +108,8 @@ def test_whole_float_labels_and_a_column_regression_target_are_accepted(tmp_path
 def test_settings_are_disclosed_with_the_untuned_baselines(wine, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(_train(wine[0], "--optimizer", "egn,adam,sgd", "--sgd-lr", "0.05", "--out", str(out))) == 0
-    line = "Settings: egn lr 1.0, damping 1.0; adam lr 0.001; sgd lr 0.05 (adam at torch's default lr, not tuned: set --adam-lr/--sgd-lr)."
+    line = "Settings: egn lr 1, damping 1; adam lr 0.001; sgd lr 0.05 (adam at torch's default lr, not tuned: set --adam-lr/--sgd-lr)."
     assert line in capsys.readouterr().out
     assert line in (out / "results.md").read_text()
     assert cli.main(_train(wine[0], "--damping", "0", "--line-search", "--out", str(out))) == 0  # λ = 0 with a line search
-    assert "Settings: egn lr 1.0, damping 0.0, Armijo line search." in capsys.readouterr().out
+    assert "Settings: egn lr 1, damping 0, Armijo line search." in capsys.readouterr().out
