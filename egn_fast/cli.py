@@ -113,7 +113,7 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, op
         if given and name not in optimizers:
             parser.error(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {name} only, which --optimizer does not include")
     if args.damping == 0 and not args.line_search:
-        parser.error("--damping 0 takes undamped Gauss-Newton steps, which diverge without a line search; "
+        parser.error("--damping 0 takes undamped Gauss-Newton steps, which can diverge without a line search; "
                      "use --damping > 0 or add --line-search")
     out = args.out or args.out_default
     if out.exists() and not out.is_dir():

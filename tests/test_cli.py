@@ -39,7 +39,7 @@ def _train(path, *extra):
         (["--sgd-lr", "inf", "--optimizer", "sgd"], "argument --sgd-lr: expected a finite number > 0, got 'inf'"),
         (["--steps", "0"], "argument --steps: expected an integer ≥ 1, got '0'"),
         (["--batch-size", "x"], "argument --batch-size: expected an integer ≥ 1, got 'x'"),
-        (["--damping", "0"], "--damping 0 takes undamped Gauss-Newton steps, which diverge without a line search; "
+        (["--damping", "0"], "--damping 0 takes undamped Gauss-Newton steps, which can diverge without a line search; "
                              "use --damping > 0 or add --line-search"),
         (["--optimizer", "adam,sgd", "--line-search"], "--line-search applies to egn only, which --optimizer does not include"),
         (["--optimizer", "sgd", "--damping", "2", "--adaptive-damping"],
