@@ -141,7 +141,7 @@ class CrossEntropyLoss(Loss):
                 f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}"
             )
         tokens = targets[0].numel() if targets.dim() >= 2 and len(targets) == b else 0
-        if tokens > 1 and c % tokens == 0:
+        if tokens > 1 and c % tokens == 0 and c // tokens >= 2:  # (b, T) labels of (b, T, C) outputs, C ≥ 2
             raise ValueError(
                 f"cross_entropy: targets {tuple(targets.shape)} are one class per token, and per-token losses on outputs "
                 f"(b, T, C) are not supported yet; use a per-sequence callable, e.g. loss=lambda f, y: "
