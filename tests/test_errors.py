@@ -171,8 +171,8 @@ REFUSED = {  # name: (call(model, x, monkeypatch), exception, message)
                                    ValueError, "the batch is empty"),
     "torch loss with options": (lambda model, x, mp: egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64),
                                                                         loss=nn.MSELoss(reduction="sum")), ValueError, "reduction='sum'"),
-    "per-token targets": (lambda model, x, mp: egn_fast.EGN(model, loss="cross_entropy").step(x, torch.randint(0, 3, (5, 3))),
-                          ValueError, "one class per token"),
+    "EGN.step with float class targets": (lambda model, x, mp: egn_fast.EGN(model, loss=nn.CrossEntropyLoss()).step(x, torch.rand(5, 3)),
+                                          ValueError, "targets must be integer class indices"),
     "row space too large": (lambda model, x, mp: (_tiny_memory(mp), egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64))),
                             ValueError, r"m = 15 rows \(batch 5 × 3 per sample\): its 15×15 torch.float64 Gram and Cholesky need about "
                                         r"5.4 kB, 1 kB is available on cpu; use a smaller batch .* egn_fast.SGN"),
