@@ -144,17 +144,13 @@ def check_params_in_model(model: nn.Module, params: Iterable[nn.Parameter]) -> N
 
 
 def check_trainable(model: nn.Module, params: list[nn.Parameter]) -> torch.device:
-    """The one device the trainable parameters live on; refuses several devices, the meta device
-    (no values to differentiate) and 0-dimensional parameters (the layer factors need a shape)."""
+    """The one device the trainable parameters live on; refuses several devices and the meta
+    device (no values to differentiate)."""
     device = params[0].device
     if any(p.device != device for p in params):
         raise ValueError("the model's trainable parameters lie on several devices; egn_fast needs one")
     if device.type == "meta":
         raise ValueError("the model is on the meta device (parameters without values); load or initialize its weights first, e.g. model.to_empty(device='cpu') and then its init")
-    scalars = {id(p) for p in params if p.dim() == 0}
-    if scalars:
-        names = [n for n, p in model.named_parameters() if id(p) in scalars]
-        raise ValueError(f"parameter(s) {names} are 0-dimensional, which egn_fast does not support yet; give them shape (1,), e.g. nn.Parameter(torch.tensor([1.0]))")
     return device
 
 

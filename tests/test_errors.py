@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import egn_fast
+from egn_fast.checks import resolve_loss
 from models import make
+from oracle import dense_direction, rel_err
 
 
 @pytest.fixture
@@ -224,7 +226,7 @@ def test_model_on_the_meta_device_is_refused():
         egn_fast.direction(model, torch.randn(4, 3, device="meta"), torch.randn(4, 2, device="meta"))
 
 
-def test_zero_dimensional_parameter_is_refused_by_name():
+def test_zero_dimensional_parameter_is_exact():
     class Gain(nn.Module):
         def __init__(self):
             super().__init__()
@@ -233,8 +235,15 @@ def test_zero_dimensional_parameter_is_refused_by_name():
         def forward(self, x):
             return self.lin(x) * self.gain
 
+    torch.manual_seed(0)
     model = Gain().double()
-    before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"parameter\(s\) \['gain'\] are 0-dimensional.*shape \(1,\)"):
-        egn_fast.direction(model, torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
-    assert _same(model, before)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    got = egn_fast.direction(model, x, y, loss="mse", damping=0.1)
+    want = dense_direction(model, x, y, resolve_loss("mse"), 0.1)
+    assert got[0].shape == () and rel_err(got, want) < 1e-10  # the root's own parameter comes first
+
+
+def test_preconditioner_given_parameters_says_to_pass_the_model():
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"pass the model itself"):
+        egn_fast.EGNPreconditioner(model.parameters())
