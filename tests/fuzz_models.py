@@ -10,7 +10,7 @@ is (b, c). Families in MIXING mix samples: egn_fast must refuse them.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -81,8 +81,8 @@ class Case:
     targets: Tensor
     loss: str
     damping: float
+    sizes: Sizes
     must_refuse: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def activation(draw: Draw, channels: int) -> nn.Module:
@@ -493,4 +493,13 @@ def build_case(family: str, draw: Draw) -> Case:
     else:
         y = (torch.rand if z.loss == "bce" else torch.randn)(z.b, z.c, generator=g, dtype=torch.float64)
     desc = f"{family} b={z.b} T={z.T} c={z.c} loss={z.loss} seed={seed}: {describe(model)}"
-    return Case(family, desc, model, inputs, y, z.loss, draw.choice([1e-2, 0.3]), must_refuse=family in MIXING)
+    return Case(family, desc, model, inputs, y, z.loss, draw.choice([1e-2, 0.3]), z, must_refuse=family in MIXING)
+
+
+def find_case(family: str, wanted: Callable[[Case], bool], tries: int = 2000) -> Case:
+    """The first seeded case of `family` for which `wanted(case)` holds (for targeted tests)."""
+    for seed in range(tries):
+        case = build_case(family, RandomDraw(seed))
+        if wanted(case):
+            return case
+    raise LookupError(f"no {family} case in {tries} seeds satisfies the predicate")
