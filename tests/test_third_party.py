@@ -174,3 +174,35 @@ def test_bert_stock_forward(loss, padding):
         mask[2, 4:] = 0
         inputs["attention_mask"] = mask
     assert_exact(model, inputs, loss, 3, seed=12)
+
+
+class PerSamplePositions(nn.Module):
+    """The same HF model given explicit (b, T) position (and token-type) ids instead of the
+    (1, T) ones its stock forward broadcasts: isolates the broadcast from the rest of the model.
+    GPT-2 (last_token=True): the last position's logits; BERT: the classification logits."""
+
+    def __init__(self, model: nn.Module, last_token: bool):
+        super().__init__()
+        self.model, self.last_token = model, last_token
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        b, T = input_ids.shape
+        extra = {"position_ids": torch.arange(T, device=input_ids.device).expand(b, T)}
+        if not self.last_token:
+            extra["token_type_ids"] = torch.zeros_like(input_ids)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        return logits[:, -1] if self.last_token else logits
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gpt2_with_per_sample_position_ids(loss):
+    model = randomize(PerSamplePositions(tiny_gpt2().lm, last_token=True), seed=7)
+    assert_exact(model, tokens(3, 3, seed=8), loss, VOCAB, seed=9)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bert_with_per_sample_position_ids_and_padding(loss):
+    model = randomize(PerSamplePositions(tiny_bert().model, last_token=False), seed=10)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    assert_exact(model, {"input_ids": tokens(3, 5, seed=11), "attention_mask": mask}, loss, 3, seed=12)
