@@ -99,6 +99,18 @@ def test_the_check_catches_a_wrong_direction_and_a_changed_model(monkeypatch):
     monkeypatch.setattr(egn_fast, "direction", editing)
     assert check(build_case("norms", RandomDraw(0))).kind == "changed"
 
+    def raising(error: Exception):
+        def direction(*a, **k):
+            raise error
+
+        return direction
+
+    # an error from deep inside torch, or one raised outside egn_fast, or without a module name
+    for error in [RuntimeError("module 'inp' failed"), ValueError("module 'inp' (Linear) is not supported"),
+                  IndexError("index 3 is out of bounds")]:
+        monkeypatch.setattr(egn_fast, "direction", raising(error))
+        assert check(build_case("norms", RandomDraw(0))).kind == "crash"
+
 
 def _has(kind: type) -> Callable[[Case], bool]:
     return lambda case: any(isinstance(m, kind) for m in case.model.modules())
