@@ -171,8 +171,8 @@ class ConvNet(nn.Module):
             activation(draw, c_mid),
         ]
         if draw.bool():
-            st = draw.int(1, 2)
-            layers += [ConvT(c_mid, 2, draw.int(1, 3), stride=st, padding=draw.int(0, 1), output_padding=st - 1,
+            st, k = draw.int(1, 2), draw.int(1, 3)  # padding ≤ (k − 1)/2 keeps every output length ≥ 1
+            layers += [ConvT(c_mid, 2, k, stride=st, padding=draw.int(0, (k - 1) // 2), output_padding=st - 1,
                              groups=draw.choice([1, 2]), bias=draw.bool()), nn.Tanh()]
         norm = draw.choice(["none", "group", "batch_eval"])
         channels = layers[-2].out_channels
