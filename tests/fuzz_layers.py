@@ -177,7 +177,7 @@ class ConvNet(nn.Module):
         norm = draw.choice(["none", "group", "batch_eval"])
         channels = layers[-2].out_channels
         if norm == "group":
-            layers.append(nn.GroupNorm(draw.choice([1, 2]), channels, affine=True))
+            layers.append(nn.GroupNorm(draw.choice([1, 2]) if channels > 2 else 1, channels, affine=True))
         elif norm == "batch_eval":
             layers.append((nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(channels))
         self.body = nn.Sequential(*layers)
@@ -239,7 +239,7 @@ class NormNet(nn.Module):
         makers: dict[str, Callable[[], nn.Module]] = {
             "layer": lambda: nn.LayerNorm(w, elementwise_affine=True, bias=draw.bool()),
             "rms": lambda: nn.RMSNorm(w),
-            "group": lambda: nn.GroupNorm(draw.choice([1, 2]), w),
+            "group": lambda: nn.GroupNorm(draw.choice([1, 2]) if w > 2 else 1, w),  # ≥ 2 values per group
             "batch_eval": lambda: nn.BatchNorm1d(w),
         }
         self.kinds = [draw.choice(sorted(makers)) for _ in range(draw.int(1, 3))]
