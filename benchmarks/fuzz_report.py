@@ -5,7 +5,7 @@ tests/fuzz_check.py and writes per-family counts of exact / refused-clearly / si
 unclear-crash / changed-model, the largest errors, and the most frequent failure messages to
 benchmarks/results/fuzz_report.{json,md}.
 
-    python benchmarks/fuzz_report.py               # 40 architectures per family (400 in all)
+    python benchmarks/fuzz_report.py               # 60 architectures per family (600 in all)
     python benchmarks/fuzz_report.py --quick       # 3 per family, a smoke run
 """
 
@@ -95,7 +95,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 architectures per family (smoke run)")
-    ap.add_argument("--per-family", type=int, default=40)
+    ap.add_argument("--per-family", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "fuzz_report"))
     args = ap.parse_args()
