@@ -36,8 +36,19 @@ def pattern(message: str) -> str:
     return re.sub(r"\d+(\.\d+)?(e[-+]\d+)?", "N", message)[:220]
 
 
+def variant(case) -> str:
+    """The drawn options that most decide the outcome, e.g. 'kind=LSTM batch_first=False +PReLU'."""
+    m = case.model
+    tags = [f"{k}={getattr(m, k)}" for k in ("variant", "kind", "batch_first", "positions") if hasattr(m, k)]
+    if getattr(m, "mask", None) is not None:
+        tags.append("mask")
+    tags += [f"+{t.__name__}" for t in (torch.nn.PReLU, torch.nn.modules.conv._ConvTransposeNd) if any(isinstance(x, t) for x in m.modules())]
+    return " ".join(tags) or "-"
+
+
 def run_family(family: str, n: int, seed: int) -> dict:
     counts = collections.Counter({k: 0 for k in KINDS})
+    by_variant: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     messages: collections.Counter[tuple[str, str]] = collections.Counter()
     examples: dict[tuple[str, str], str] = {}
     max_exact, max_wrong, failures = 0.0, 0.0, 0
@@ -48,6 +59,7 @@ def run_family(family: str, n: int, seed: int) -> dict:
         except Exception as err:  # noqa: BLE001 - the oracle itself failed: report, don't stop
             outcome = Outcome("crash", None, f"oracle/harness {type(err).__name__}: {str(err).splitlines()[0][:200]}")
         counts[outcome.kind] += 1
+        by_variant[variant(case)][outcome.kind] += 1
         if outcome.kind == "exact":
             max_exact = max(max_exact, outcome.error or 0.0)
         if outcome.kind == "wrong" and outcome.error is not None:
@@ -62,6 +74,7 @@ def run_family(family: str, n: int, seed: int) -> dict:
     return {
         "n": n, "expected": "refused" if family in MIXING else "exact or refused", "counts": dict(counts),
         "failures": failures, "max_error_exact": max_exact, "max_error_wrong": max_wrong, "top_messages": top,
+        "by_variant": {v: dict(c) for v, c in sorted(by_variant.items())},
     }
 
 
@@ -81,6 +94,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {fam} | {r['expected']} | {cells} | {r['failures']} | {r['max_error_exact']:.1e} | {r['max_error_wrong']:.1e} |")
     t = report["totals"]
     lines.append("| **all** | | " + " | ".join(str(t[k]) for k in KINDS) + f" | {report['failures']} | | |")
+    lines += ["", "## By variant (the drawn options that decide most outcomes)", "",
+              "| family | variant | " + " | ".join(LABELS[k] for k in KINDS) + " |", "|---|---|" + "---:|" * len(KINDS)]
+    for fam, r in report["families"].items():
+        for v, c in r["by_variant"].items():
+            lines.append(f"| {fam} | {v} | " + " | ".join(str(c.get(k, 0)) for k in KINDS) + " |")
     lines += ["", "## Most frequent non-exact outcomes per family", ""]
     for fam, r in report["families"].items():
         if not r["top_messages"]:
