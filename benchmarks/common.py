@@ -116,8 +116,8 @@ def add_cpu_run_options(parser: argparse.ArgumentParser, data_files: str) -> Non
     """--out, --data-dir (the directory with `data_files`) and --reuse-cpu-memory: the options the
     step-time benchmarks share besides --repeats and --quick."""
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                        help=f"directory with {data_files} (default: ../shared/data from the repo root)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"directory with {data_files} (default: $EGN_FAST_DATA; random data without either)")
     parser.add_argument("--reuse-cpu-memory", action="store_true", help="call egn_fast.reuse_cpu_memory() first "
                         "(glibc keeps freed blocks; applies to every method)")
 

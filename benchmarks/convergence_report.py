@@ -69,15 +69,15 @@ def summarize(task: Task, result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def task_report(task: Task, result: dict[str, Any], plot_path: Path) -> dict[str, Any]:
-    """A task's entry of the report (JSON-ready): settings, chosen points, summary, verdict, the
-    plot's file name and every run's curve."""
+def task_report(task: Task, result: dict[str, Any], plot_path: Path, quick: bool = False) -> dict[str, Any]:
+    """A task's entry of the report (JSON-ready): settings, chosen points, summary, verdict (worded
+    for an untuned smoke run when `quick`), the plot's file name and every run's curve."""
     summary = summarize(task, result)
     plot = plot_task(task, result, plot_path)
     return {
         **{k: v for k, v in result.items() if k != "runs"},
         "target": task.target, "metric": task.metric_name, "higher_is_better": task.higher_is_better,
-        "summary": summary, "verdict": verdict(task, summary), "plot": plot.name,
+        "summary": summary, "verdict": verdict(task, summary, quick), "plot": plot.name,
         "runs": [{**asdict(r), "history": asdict(r.history)} for r in result["runs"]],
     }
 
@@ -86,10 +86,14 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1e-2 else f"{x:.4f}"
 
 
-def verdict(task: Task, rows: list[dict[str, Any]]) -> str:
+QUICK_RUN = "one grid point per optimizer, untuned, 1 seed, 1/10 of the steps"
+
+
+def verdict(task: Task, rows: list[dict[str, Any]], quick: bool = False) -> str:
     """One sentence from the numbers: the best optimizer; the best EGN variant against the best
     non-EGN one on the final metric (a difference within the larger of their two seed stds is a
-    tie, otherwise EGN wins or loses); the first to reach the target in wall time, and EGN's first."""
+    tie, otherwise EGN wins or loses); the first to reach the target in wall time, and EGN's first.
+    quick: a smoke run (QUICK_RUN), so it says so and claims no winner of a tuned comparison."""
     ok = [r for r in rows if r["final"] is not None]
     sign = 1 if task.higher_is_better else -1
     best = max(ok, key=lambda r: sign * r["final"][0])
@@ -104,8 +108,11 @@ def verdict(task: Task, rows: list[dict[str, Any]]) -> str:
     if best_other is not None:
         margin = sign * (best_egn["final"][0] - best_other["final"][0])
         spread = max(best_egn["final"][1], best_other["final"][1])
-        outcome = ("EGN ties within the seed spread." if abs(margin) <= spread
-                   else "EGN wins on the final metric." if margin > 0 else "**EGN loses on the final metric.**")
+        if quick:
+            outcome = f"EGN {'ahead' if margin > 0 else 'behind' if margin < 0 else 'level'} in this smoke run ({QUICK_RUN}), not a tuned comparison."
+        else:
+            outcome = ("EGN ties within the seed spread." if abs(margin) <= spread
+                       else "EGN wins on the final metric." if margin > 0 else "**EGN loses on the final metric.**")
         text += f"; best non-EGN: {best_other['optimizer']} ({_fmt(best_other['final'][0])}) — {outcome}"
         fastest = sorted((r for r in ok if r["time_to_target"] is not None), key=lambda r: r["time_to_target"])
         if fastest:
@@ -130,8 +137,12 @@ def markdown(report: dict[str, Any]) -> str:
         "# Convergence on real data: EGN vs SGD, Adam and SGN",
         "",
         f"Machine: {mach['cpu']}, {mach['torch_threads']} torch threads, device {report['settings']['device']}, "
-        f"torch {mach['torch']}. Each optimizer tuned on its grid (seed 0, validation split, by the final metric), then the chosen "
-        f"point run with seeds {report['settings']['seeds']}; mean ± std over seeds. Times are training seconds "
+        f"torch {mach['torch']}. "
+        + (f"Quick smoke run: {QUICK_RUN} (the last point of each grid); not a tuned comparison. "
+           if report["settings"].get("quick") else
+           f"Each optimizer tuned on its grid (seed 0, validation split, by the final metric), then the chosen "
+           f"point run with seeds {report['settings']['seeds']}; mean ± std over seeds. ")
+        + "Times are training seconds "
         "(optimizer steps only) on this machine. * after a chosen value: it is at the edge of its grid.",
         "",
     ]

@@ -1,11 +1,12 @@
 """Loaders for the benchmark datasets: real data from a data directory, as `egn_fast.training.Dataset`.
 
-Each loader reads one .npz from `data_dir` (default: ../shared/data from the repository root; see
-its README for origins and licenses) and returns a standardized train/test split made by
-`egn_fast.training.prepare` (features standardized with the training split's statistics; a
-regression target standardized too). Missing files raise FileNotFoundError naming the file and
-the arrays it must hold, except California Housing, which falls back to scikit-learn's
-`fetch_california_housing` (the same data; needs a network connection the first time).
+Each loader reads one .npz from its `data_dir` argument, else from the directory named by the
+environment variable EGN_FAST_DATA (benchmarks/README.md says where each file comes from and what
+it holds), and returns a standardized train/test split made by `egn_fast.training.prepare`
+(features standardized with the training split's statistics; a regression target standardized
+too). California Housing falls back to scikit-learn's `fetch_california_housing` (the same data;
+downloads once). A file that is missing, with no fallback that works, raises `DataMissing`: one
+line naming the file, its arrays, and how to provide it.
 
 | loader | file | features | target |
 |---|---|---|---|
@@ -18,6 +19,7 @@ the arrays it must hold, except California Housing, which falls back to scikit-l
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,39 +28,65 @@ import torch
 from egn_fast.training import Dataset, prepare
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 DEFAULT_CACHE_DIR = REPO / ".cache"
+DATA_ENV = "EGN_FAST_DATA"
 
 
-def _open(data_dir: Path, name: str, arrays: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The named arrays of data_dir/name (no pickles), or a FileNotFoundError that says what is needed."""
-    path = Path(data_dir) / name
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: put {name} (arrays {', '.join(arrays)}) there or pass another --data-dir "
-            "(the repository's copies are described in ../shared/data/README.md)"
-        )
+class DataMissing(FileNotFoundError):
+    """A dataset file is not there and cannot be fetched; the message says what to provide."""
+
+
+def resolve_data_dir(data_dir: Path | None) -> Path | None:
+    """`data_dir` if given, else $EGN_FAST_DATA if set, else None (no data directory)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
+
+
+def data_file(data_dir: Path | None, name: str) -> Path | None:
+    """The path of data file `name` in the resolved data directory, or None when it is not there."""
+    directory = resolve_data_dir(data_dir)
+    path = None if directory is None else directory / name
+    return path if path is not None and path.exists() else None
+
+
+def missing(data_dir: Path | None, name: str, arrays: tuple[str, ...]) -> str:
+    """One line: which file is missing where, what it must hold, how to provide it."""
+    directory = resolve_data_dir(data_dir)
+    where = f"not found in {directory}" if directory is not None else f"not found (no --data-dir given and {DATA_ENV} is not set)"
+    return (f"{name} {where}: put {name} (arrays {', '.join(arrays)}) into a directory and pass --data-dir DIR "
+            f"or set {DATA_ENV}=DIR (sources: benchmarks/README.md, 'Data')")
+
+
+def _open(data_dir: Path | None, name: str, arrays: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named arrays of the data file `name` (no pickles), or DataMissing saying what is needed."""
+    path = data_file(data_dir, name)
+    if path is None:
+        raise DataMissing(missing(data_dir, name, arrays))
     with np.load(path, allow_pickle=False) as data:
-        missing = [a for a in arrays if a not in data.files]
-        if missing:
-            raise ValueError(f"{path} lacks arrays {missing}; it holds {data.files}")
+        absent = [a for a in arrays if a not in data.files]
+        if absent:
+            raise ValueError(f"{path} lacks arrays {absent}; it holds {data.files}")
         return {a: data[a] for a in arrays}
 
 
-def california_housing(data_dir: Path = DEFAULT_DATA_DIR, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+def california_housing(data_dir: Path | None = None, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """California Housing (20640 × 8), target median house value; X (n, 8), y (n, 1) standardized."""
     try:
         arrays = _open(data_dir, "california_housing.npz", ("X", "y"))
         X, y = arrays["X"], arrays["y"]
-    except FileNotFoundError as missing:
+    except DataMissing as absent:
         from sklearn.datasets import fetch_california_housing
 
-        print(f"{missing}\nfalling back to scikit-learn's fetch_california_housing (the same data)")
-        X, y = fetch_california_housing(return_X_y=True)
+        print(f"{absent}\nfalling back to scikit-learn's fetch_california_housing (the same data)")
+        try:
+            X, y = fetch_california_housing(return_X_y=True)
+        except OSError as err:  # no network (URLError is an OSError) or no writable data home
+            raise DataMissing(f"{absent}; scikit-learn's fetch_california_housing failed too ({err})") from None
     return prepare("california_housing", X, y, "regression", test_fraction, seed)
 
 
-def diamonds(data_dir: Path = DEFAULT_DATA_DIR, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+def diamonds(data_dir: Path | None = None, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """ggplot2's diamonds (53940 rows): 6 numeric columns + one-hot cut, color, clarity → X (n, 26);
     target price, y (n, 1) standardized."""
     numeric = ("carat", "depth", "table", "x", "y", "z")
@@ -69,7 +97,7 @@ def diamonds(data_dir: Path = DEFAULT_DATA_DIR, test_fraction: float = 0.1, seed
     return prepare("diamonds", X, cols["price"], "regression", test_fraction, seed)
 
 
-def fashion_mnist(data_dir: Path = DEFAULT_DATA_DIR) -> Dataset:
+def fashion_mnist(data_dir: Path | None = None) -> Dataset:
     """Fashion-MNIST with its official split: X (n, 784) pixels standardized per pixel with the
     training split's statistics (reshape to (n, 1, 28, 28) for a CNN), y (n,) class in 0..9."""
     arrays = _open(data_dir, "fashion_mnist.npz", ("X_train", "y_train", "X_test", "y_test"))
@@ -99,7 +127,7 @@ def review_features(texts: np.ndarray, train_rows: np.ndarray, dims: int = 300, 
 
 
 def womens_reviews(
-    data_dir: Path = DEFAULT_DATA_DIR, test_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = DEFAULT_CACHE_DIR
+    data_dir: Path | None = None, test_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = DEFAULT_CACHE_DIR
 ) -> Dataset:
     """Women's clothing reviews → 300-d TF-IDF + SVD features (as the EGN paper used 300-d sentence
     vectors for IMDB), binary target "recommended"; X (n, 300), y (n,) in {0, 1}.

@@ -45,6 +45,7 @@ from tqdm import tqdm
 import egn_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import datasets  # noqa: E402  (benchmarks/datasets.py)
 from common import (  # noqa: E402
     ROUNDS, Samples, add_cpu_run_options, machine_info, rel_err, start_cpu_run, time_methods,
 )
@@ -87,12 +88,12 @@ class TransformerClassifier(nn.Module):
         return self.head(x.mean(1))
 
 
-def california_batch(data_dir: Path, b: int, gen: torch.Generator) -> tuple[Tensor, Tensor, str]:
+def california_batch(data_dir: Path | None, b: int, gen: torch.Generator) -> tuple[Tensor, Tensor, str]:
     """b random rows of California Housing, features and target standardized; random data
     (with a printed note) when the file is missing. Returns X (b, 8), y (b, 1), the data name."""
-    path = data_dir / "california_housing.npz"
-    if not path.exists():
-        print(f"note: {path} not found; the regression case uses random data")
+    path = datasets.data_file(data_dir, "california_housing.npz")
+    if path is None:
+        print(f"note: {datasets.missing(data_dir, 'california_housing.npz', ('X', 'y'))}; the regression case uses random data")
         return torch.randn(b, 8, generator=gen), torch.randn(b, 1, generator=gen), "random"
     with np.load(path) as data:
         X, y = torch.from_numpy(data["X"]).float(), torch.from_numpy(data["y"]).float()
@@ -103,7 +104,7 @@ def california_batch(data_dir: Path, b: int, gen: torch.Generator) -> tuple[Tens
 
 
 
-def make_cases(data_dir: Path) -> list[Case]:
+def make_cases(data_dir: Path | None) -> list[Case]:
     """The three cases of the benchmark, float32, with fixed seeds."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)

@@ -59,13 +59,13 @@ MIN_REPEATS = 3  # ... but at least this many (and at most --repeats)
 SLOW_PROBE_S = 0.25  # methods slower than this get no warm-up calls per round (the probe warmed them)
 
 
-def fashion_mnist_pool(data_dir: Path, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, str]:
+def fashion_mnist_pool(data_dir: Path | None, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, str]:
     """n random training images of Fashion-MNIST, flattened and standardized per pixel with the
     training split's mean and std; random data (with a printed note) when the file is missing.
     Returns X (n, 784) float32, y (n,) int64 in 0..9, the data name."""
-    path = data_dir / "fashion_mnist.npz"
-    if not path.exists():
-        print(f"note: {path} not found; the sweep uses random data")
+    if datasets.data_file(data_dir, "fashion_mnist.npz") is None:
+        arrays = ("X_train", "y_train", "X_test", "y_test")
+        print(f"note: {datasets.missing(data_dir, 'fashion_mnist.npz', arrays)}; the sweep uses random data")
         return torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen), "random"
     data = datasets.fashion_mnist(data_dir)
     rows = torch.randperm(len(data.X_train), generator=gen)[:n]

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .layout import PLAIN, BatchDim, expand_shared, to_batch_first
+
 __all__ = ["Inputs", "Closure", "forward_of", "ModuleCall", "Capture", "output_grads", "params_reached_outside"]
 
 Inputs = Tensor | tuple | list | dict
@@ -67,8 +69,11 @@ def _tensors(tree: Any) -> list[Tensor]:
 class ModuleCall:
     """One call of a module: its inputs, the outputs that carry gradient, and their gradients.
 
-    outputs[q] is output leaf number output_index[q] (pytree order). grads[q] is filled by
-    `output_grads`: (b, s, *outputs[q].shape[1:]), or None when that output does not reach the loss.
+    outputs[q] is output leaf number output_index[q] (pytree order); layouts[q] says where its
+    samples lie (set by the plan, egn_fast.layout); expanded holds the q whose output was shared
+    by all samples and handed to the model as (b, …) copies (outputs[q] is then that copy).
+    grads[q] is filled by `output_grads`: (b, s, *rest) with rest = outputs[q]'s shape less the
+    samples (`to_batch_first`), or None when that output does not reach the loss.
     """
 
     args: tuple
@@ -76,11 +81,22 @@ class ModuleCall:
     inputs: list[Tensor]  # the tensors among args and kwargs
     outputs: list[Tensor]
     output_index: list[int]
+    expanded: frozenset[int] = frozenset()
+    layouts: list[BatchDim] = field(default_factory=list)
     grads: list[Tensor | None] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.versions = [t._version for t in self.inputs + self.outputs]
+        self.layouts = [PLAIN] * len(self.outputs)
+
+    def batch_first(self, x: Tensor, b: int) -> Tensor:
+        """An input of a position-wise module (Linear, Embedding, LayerNorm, …), laid out like
+        its first output, as (b, *rest): seq-first and folded inputs are moved, shared inputs
+        of an expanded call are expanded the same way as the output."""
+        if 0 in self.expanded:
+            return expand_shared(x, b)
+        return to_batch_first(x, self.layouts[0] if self.layouts else PLAIN, b)
 
     @property
     def modified_in_place(self) -> bool:
@@ -91,12 +107,16 @@ class Capture:
     """Context manager: forward hooks on `modules` that record their calls in `self.calls`.
 
     The hooks are removed on exit, so later re-runs of a module (the generic rule's torch.func
-    calls) record nothing.
+    calls) record nothing. expand: {(module, call number, output number q): shape} of outputs
+    that are shared by all samples (egn_fast.layout); an output of that shape is handed on as
+    b copies, batch size b.
     """
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: list[nn.Module], expand: dict[tuple[nn.Module, int, int], tuple] | None = None, b: int = 0):
         self.modules = modules
         self.calls: dict[nn.Module, list[ModuleCall]] = {}
+        self.expand = expand or {}
+        self.b = b
         self._handles: list[Any] = []
 
     def __enter__(self) -> "Capture":
@@ -116,6 +136,15 @@ class Capture:
             leaves, spec = tree_flatten(output)
         index = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
         replaced = None
+        n = len(self.calls.get(module, []))
+        expanded = frozenset(
+            j for j, q in enumerate(index) if self.expand.get((module, n, j)) == tuple(leaves[q].shape)
+        )
+        if expanded:
+            leaves = list(leaves)
+            for j in expanded:
+                leaves[index[j]] = expand_shared(leaves[index[j]], self.b)
+            replaced = leaves[0] if spec is None else tree_unflatten(leaves, spec)
         if module in _COPY_IO:
             # The model modifies this module's input or output in place later on: keep pristine
             # copies, and hand the model a copy of the output so our z keeps its autograd node.
@@ -125,7 +154,8 @@ class Capture:
                 passed[q] = leaves[q].clone()
             replaced = passed[0] if spec is None else tree_unflatten(passed, spec)
         inputs = _tensors(args) if not kwargs else _tensors((args, kwargs))
-        self.calls.setdefault(module, []).append(ModuleCall(args, kwargs, inputs, [leaves[q] for q in index], index))
+        call = ModuleCall(args, kwargs, inputs, [leaves[q] for q in index], index, expanded)
+        self.calls.setdefault(module, []).append(call)
         return replaced
 
     def stale_modules(self, modules: list[nn.Module]) -> list[nn.Module]:
@@ -143,16 +173,18 @@ def output_grads(f_flat: Tensor, cotangents: Tensor, calls: list[ModuleCall]) ->
     """One batched backward: fill call.grads with ∂(S_{:,k}·f)/∂z for every recorded output z.
 
     f_flat: (b, c) model outputs; cotangents: (s, b, c), column k of S for every sample.
-    Each gradient is stored sample-major: (b, s, *z.shape[1:]).
+    Each gradient is stored sample-major: (b, s, *rest), the samples taken from where
+    call.layouts says they lie in z.
     """
     zs = [z for call in calls for z in call.outputs]
-    s = cotangents.shape[0]
+    s, b = cotangents.shape[0], f_flat.shape[0]
     if s == 1:
         grads = torch.autograd.grad(f_flat, zs, cotangents[0], allow_unused=True)
-        grads = [None if g is None else g.unsqueeze(1) for g in grads]
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
         grads = torch.autograd.grad(f_flat, zs, cotangents, is_grads_batched=True, allow_unused=True)
-        grads = [None if g is None else g.movedim(0, 1) for g in grads]
+    layouts = [layout for call in calls for layout in call.layouts]
+    grads = [None if g is None else to_batch_first(g, layout.shifted(1), b) for g, layout in zip(grads, layouts)]
     q = 0
     for call in calls:
         call.grads = list(grads[q : q + len(call.outputs)])

@@ -13,7 +13,9 @@ the table (markdown), the curves (JSON) and a PNG plot into --out.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,9 +25,19 @@ from pathlib import Path
 import torch
 
 from . import training
+from .optim import EGN
 from .training import Dataset, History
 
 DEMO_DATASETS = ("diabetes", "digits")
+
+
+def _default(fn: object, name: str) -> float:
+    """The default value of argument `name` of `fn` (what a run gets when the option is not given)."""
+    return inspect.signature(fn).parameters[name].default
+
+
+DEFAULT_DAMPING = _default(EGN, "damping")
+DEFAULT_LR = {"egn": _default(EGN, "lr"), "adam": _default(torch.optim.Adam, "lr"), "sgd": _default(torch.optim.SGD, "lr")}
 
 
 def _optimizer_list(text: str) -> list[str]:
@@ -46,19 +58,78 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
+def _number(text: str, positive: bool) -> float:
+    """A finite float, > 0 (positive) or ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'> 0' if positive else '≥ 0'}, got {text!r}")
+    return value
+
+
+def _lr(text: str) -> float:
+    return _number(text, positive=True)
+
+
+def _damping(text: str) -> float:
+    return _number(text, positive=False)
+
+
 def _add_common(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per run (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=steps, help="optimizer steps per run (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size (default %(default)s)")
     p.add_argument("--hidden", type=_hidden, default=(32,), help="hidden widths, e.g. 64,64 (default 32)")
-    p.add_argument("--damping", type=float, default=1.0, help="EGN's initial λ (default %(default)s)")
-    p.add_argument("--egn-lr", type=float, default=None, help="EGN step multiplier (default 1.0)")
-    p.add_argument("--adam-lr", type=float, default=None, help="Adam lr (default torch's 1e-3)")
-    p.add_argument("--sgd-lr", type=float, default=None, help="SGD lr (default torch's 1e-3)")
+    p.add_argument("--damping", type=_damping, default=None, help=f"EGN's initial λ ≥ 0 (default {DEFAULT_DAMPING}; 0 needs --line-search)")
+    p.add_argument("--egn-lr", type=_lr, default=None, help="EGN step multiplier (default 1.0)")
+    p.add_argument("--adam-lr", type=_lr, default=None, help="Adam lr (default torch's 1e-3)")
+    p.add_argument("--sgd-lr", type=_lr, default=None, help="SGD lr (default torch's 1e-3)")
     p.add_argument("--line-search", action="store_true", help="EGN with Armijo line search")
     p.add_argument("--adaptive-damping", action="store_true", help="EGN with adaptive λ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="directory for the table, curves and plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# options that only one optimizer reads: given while that optimizer does not run, they would be ignored
+OPTIMIZER_OPTIONS = {"egn": ("damping", "egn_lr", "line_search", "adaptive_damping"), "adam": ("adam_lr",), "sgd": ("sgd_lr",)}
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers: list[str]) -> None:
+    """Refuse (argparse error, exit 2) options that would be silently ignored, or that diverge."""
+    for name, options in OPTIMIZER_OPTIONS.items():
+        given = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) not in (None, False)]
+        if given and name not in optimizers:
+            parser.error(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {name} only, which --optimizer does not include")
+    if args.damping == 0 and not args.line_search:
+        parser.error("--damping 0 takes undamped Gauss-Newton steps, which can diverge without a line search; "
+                     "use --damping > 0 or add --line-search")
+    out = args.out or args.out_default
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is an existing file; name a directory (created if missing)")
+
+
+def disclosure(args: argparse.Namespace, optimizers: list[str]) -> str:
+    """One line: the settings each optimizer runs with, saying which are defaults (Adam and SGD at
+    torch's default lr are not tuned)."""
+    lrs = {n: getattr(args, f"{n}_lr") or DEFAULT_LR[n] for n in DEFAULT_LR}
+    egn = f"lr {lrs['egn']:g}, damping {DEFAULT_DAMPING if args.damping is None else args.damping:g}"
+    egn += (", Armijo line search" if args.line_search else "") + (", adaptive damping" if args.adaptive_damping else "")
+    settings = {"egn": egn, "adam": f"lr {lrs['adam']:g}", "sgd": f"lr {lrs['sgd']:g}"}
+    untuned = [n for n in ("adam", "sgd") if n in optimizers and getattr(args, f"{n}_lr") is None]
+    note = f" ({' and '.join(untuned)} at torch's default lr, not tuned: set --adam-lr/--sgd-lr)" if untuned else ""
+    return "Settings: " + "; ".join(f"{n} {settings[n]}" for n in optimizers) + note + "."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,20 +150,19 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="quick convergence + step-time benchmarks (from the source checkout)")
     bench.add_argument("--out", type=Path, default=Path("egn_fast_bench"), help="results directory (default %(default)s)")
     bench.add_argument("--data-dir", type=Path, default=None, help="directory with the datasets' .npz files "
-                       "(default: the benchmarks' own default, ../shared/data from the checkout)")
+                       "(default: $EGN_FAST_DATA; see benchmarks/README.md, 'Data')")
     return parser
 
 
 def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespace) -> int:
-    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise SystemExit(f"egn-fast: {name} must be ≥ 1, got {value}")
     options = {
-        "egn": dict(lr=args.egn_lr, damping=args.damping, line_search="armijo" if args.line_search else None,
-                    adaptive_damping=args.adaptive_damping),
+        "egn": dict(lr=args.egn_lr, damping=DEFAULT_DAMPING if args.damping is None else args.damping,
+                    line_search="armijo" if args.line_search else None, adaptive_damping=args.adaptive_damping),
         "adam": dict(lr=args.adam_lr),
         "sgd": dict(lr=args.sgd_lr),
     }
+    settings = disclosure(args, optimizers)
+    print(settings, flush=True)
     out = args.out or args.out_default
     out.mkdir(parents=True, exist_ok=True)
     results: list[tuple[Dataset, list[History]]] = []
@@ -107,7 +177,7 @@ def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespac
         f"{args.steps} steps of batch {args.batch_size}, MLP hidden {list(args.hidden)}, seed {args.seed}, "
         f"torch {torch.__version__} on {torch.get_num_threads()} CPU thread(s). "
         "Train loss on the whole training set (mse = mean of ½‖f−y‖², standardized target); "
-        "wall time counts optimizer steps only.\n\n"
+        f"wall time counts optimizer steps only. {settings}\n\n"
     )
     (out / "results.md").write_text(header + tables + "\n")
     curves = {d.name: {"task": d.task, "runs": [asdict(h) for h in hs]} for d, hs in results}
@@ -143,18 +213,21 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    optimizers = list(training.OPTIMIZERS) if args.command == "demo" else args.optimizer
+    _check_options(parser, args, optimizers)
     if args.command == "demo":
         datasets = [training.sklearn_dataset(name, seed=args.seed) for name in DEMO_DATASETS]
-        return _run(datasets, list(training.OPTIMIZERS), args)
+        return _run(datasets, optimizers, args)
     try:
         X, y = training.load_npz(args.data, args.x_key, args.y_key)
         data = training.prepare(args.data.stem, X, y, args.task, args.test_fraction, seed=args.seed)
     except (OSError, ValueError) as err:
         raise SystemExit(f"egn-fast train: {err}") from None
-    return _run([data], args.optimizer, args)
+    return _run([data], optimizers, args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ __all__ = [
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "AutogradLoss",
+    "ScaledLoss",
     "NAMED_LOSSES",
 ]
 
@@ -139,6 +140,14 @@ class CrossEntropyLoss(Loss):
             raise ValueError(
                 f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}"
             )
+        tokens = targets[0].numel() if targets.dim() >= 2 and len(targets) == b else 0
+        if tokens > 1 and c % tokens == 0 and c // tokens >= 2:  # (b, T) labels of (b, T, C) outputs, C ≥ 2
+            raise ValueError(
+                f"cross_entropy: targets {tuple(targets.shape)} are one class per token, and per-token losses on outputs "
+                f"(b, T, C) are not supported yet; use a per-sequence callable, e.g. loss=lambda f, y: "
+                f"F.cross_entropy(f.view({tokens}, {c // tokens}), y, reduction='sum') (exact: {c} rows per sample), or, "
+                "only if the model treats every token independently, make each token a sample: inputs (b·T, …), targets (b·T,)"
+            )
         if targets.shape != (b,):
             raise ValueError(
                 f"cross_entropy: targets of shape {tuple(targets.shape)} do not match outputs of "
@@ -213,10 +222,12 @@ class BCEWithLogitsLoss(Loss):
 class AutogradLoss(Loss):
     """Any per-sample loss ℓ(f_i, y_i) -> scalar, differentiated by torch.func.
 
-    r_i = ∇ℓ, Q_i = ∇²ℓ (torch.func.hessian, vmapped over the batch), S_i = chol(Q_i + εI) with
-    ε = jitter · mean(diag Q_i) (retried ×10 up to 4 times when Q_i is only semi-definite), and
-    w_i = S_i⁻¹ r_i. Exact up to ε; a loss whose output Hessian is indefinite (Gauss-Newton needs
-    a convex loss in f) raises.
+    r_i = ∇ℓ, Q_i = ∇²ℓ (reverse over reverse, vmapped over the batch), S_i = chol(Q_i + εI) with
+    ε = jitter · mean|diag Q_i| (retried ×10 up to 4 times when Q_i is only semi-definite), and
+    w_i = S_i⁻¹ r_i. r, Q, S and w are computed in float64 (outputs and floating targets cast) and
+    returned in the outputs' dtype: in float32 the rounding of a singular Q (softmax's) would be
+    far above ε. Exact up to ε; a loss whose output Hessian is indefinite (Gauss-Newton needs a
+    convex loss in f) raises.
 
     fn(f_i (c,), y_i) -> 0-d tensor; targets are passed through unchanged (any shape (b, …)).
     """
@@ -242,11 +253,19 @@ class AutogradLoss(Loss):
     def residual_and_factor(
         self, outputs: Tensor, targets: Tensor, backend: Backend | None = None
     ) -> tuple[Tensor, Tensor]:
-        r = torch.func.vmap(torch.func.grad(self.fn))(outputs, targets)
-        Q = torch.func.vmap(torch.func.hessian(self.fn))(outputs, targets)
+        """r (b, c) and S (b, c, c), both float64."""
+        f = outputs.detach().double()
+        y = targets.double() if targets.is_floating_point() else targets
+        r = torch.func.vmap(torch.func.grad(self.fn))(f, y)
+        # jacrev of the gradient, not torch.func.hessian: forward-mode AD's first use scripts
+        # decompositions with the deprecated torch.jit.script (a FutureWarning in every process)
+        Q = torch.func.vmap(torch.func.jacrev(torch.func.grad(self.fn)))(f, y)
         Q = 0.5 * (Q + Q.transpose(1, 2))
         eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        scale = Q.diagonal(dim1=1, dim2=2).abs().mean(1).clamp(min=torch.finfo(Q.dtype).tiny)
+        # a sample without curvature (Huber beyond δ: Q_i = 0, r_i ≠ 0) takes the batch's largest
+        # scale (1 when no sample has curvature), so ε·scale stays normal and w = S⁻¹r finite
+        scale = Q.diagonal(dim1=1, dim2=2).abs().mean(1)
+        scale = torch.where(scale > 0, scale, scale.max() if scale.max() > 0 else 1.0)
         eps = self.jitter
         for _ in range(5):
             S, info = (backend or Backend()).cholesky_batched(Q + (eps * scale)[:, None, None] * eye)
@@ -263,7 +282,31 @@ class AutogradLoss(Loss):
         with torch.no_grad():
             r, S = self.residual_and_factor(outputs, targets, backend)
             w = torch.linalg.solve_triangular(S, r.unsqueeze(-1), upper=False).squeeze(-1)
+            r, S, w = (t.to(outputs.dtype) for t in (r, S, w))
             return LossHead(self.per_sample(outputs, targets), r, S, w)
+
+
+class ScaledLoss(Loss):
+    """a·ℓ_i for a base loss ℓ: r → a·r, Q → a·Q, S → √a·S, w → √a·w (S w = r still holds), with
+    a = factor, divided by the number of outputs per sample c when `per_output`. torch's loss
+    modules average over every output; this is how they map onto egn_fast's per-sample losses."""
+
+    def __init__(self, base: Loss, factor: float, per_output: bool, name: str):
+        self.base, self.factor, self.per_output, self.name = base, factor, per_output, name
+
+    def scale(self, outputs: Tensor) -> float:
+        """a for outputs (b, c)."""
+        return self.factor / outputs.shape[1] if self.per_output else self.factor
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.base.check_targets(outputs, targets)
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.scale(outputs) * self.base.per_sample(outputs, targets)
+
+    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
+        head, a = self.base.head(outputs, targets, backend), self.scale(outputs)
+        return LossHead(a * head.per_sample, a * head.r, a**0.5 * head.S, a**0.5 * head.w)
 
 
 # The names `loss=` accepts (egn_fast.checks.resolve_loss); a new named loss is one more entry.

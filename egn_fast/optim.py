@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Closure, Inputs, forward_of
-from .checks import LossSpec, check_damping, check_lr, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
+from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
 from .damping import AdaptiveDamping
 from .errors import NonFiniteError, SolveError
 from .line_search import ArmijoLineSearch
@@ -117,6 +117,7 @@ class EGN(torch.optim.Optimizer):
         timings: bool = False,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
+        check_model(model)  # before model.parameters() below
         lr, damping, weight_decay = check_lr(lr), check_damping(damping), finite_nonnegative("weight_decay", weight_decay)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")

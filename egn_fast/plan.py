@@ -1,15 +1,18 @@
-"""Plan: the checks a model must pass before it runs, and which rule covers which parameter.
+"""Plan: the checks a model must pass before it runs, which rule covers which parameter, and
+where the samples lie in every recorded tensor.
 
-`collect_trainable` lists the parameters J is taken with respect to and the modules to hook. After the
-first captured forward, `plan_for` assigns every such parameter that reaches the loss to a rule:
-the registered rule of the called module that owns it (egn_fast.rules), else the generic
-torch.func rule of the innermost called module that contains it. Plans are cached per model.
+`collect_trainable` lists the parameters J is taken with respect to and the modules to hook.
+After a captured forward (egn_fast.forward), for a call pattern it has not seen, `plan_for`
+assigns every such parameter that reaches the loss to a rule (the registered rule of the called
+module that owns it, egn_fast.rules, else the generic torch.func rule of the innermost called
+module that contains it) and probes the batch layout of every recorded output
+(egn_fast.layout). Plans are cached per model.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -17,10 +20,11 @@ from torch.utils._pytree import tree_flatten
 
 from .capture import Capture, Inputs, params_reached_outside
 from .checks import check_model
-from .rules import Rule, registry_version
-from .rules.parametrized import parametrization_modules, planned_rule
+from .layout import BatchDim, find_batch_dim, probe_grads
+from .rules import Rule, generic_in_dims, registry_version
+from .rules.parametrized import parametrization_modules, parametrizations_in_eval, planned_rule
 
-__all__ = ["Plan", "collect_trainable", "check_inputs", "plan_for"]
+__all__ = ["Plan", "OutputKey", "collect_trainable", "check_inputs", "plan_for", "mixing_error"]
 
 
 def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
@@ -76,16 +80,27 @@ def check_inputs(inputs: Inputs, device: torch.device) -> None:
             raise ValueError(f"inputs are on {x.device} but the model's parameters are on {device}")
 
 
+# A recorded output is named by (module, call number, output number among its recorded outputs).
+OutputKey = tuple[nn.Module, int, int]
+
+
 @dataclass
 class Plan:
-    """Which rule handles which module, decided after a forward pass.
+    """Which rule handles which module, and where the samples lie, decided after a forward pass.
 
     specific: (qualified name, module, its registered rule); generic: (qualified name, module,
-    {name relative to the module: parameter}) for the torch.func rule.
+    {name relative to the module: parameter}) for the torch.func rule. layouts: per planned
+    module, per call, the batch layout of each recorded output; in_dims: per generic module, per
+    call, the batch layout of each tensor among its arguments (None: the same for every sample).
+    shared: outputs found shared by all samples in this capture, to be expanded (then the plan is
+    made again from a capture that expands them).
     """
 
     specific: list[tuple[str, nn.Module, Rule]]
     generic: list[tuple[str, nn.Module, dict[str, nn.Parameter]]]
+    layouts: dict[nn.Module, list[list[BatchDim]]] = field(default_factory=dict)
+    in_dims: dict[nn.Module, list[tuple[BatchDim | None, ...]]] = field(default_factory=dict)
+    shared: dict[OutputKey, tuple] = field(default_factory=dict)
 
     def modules(self) -> list[nn.Module]:
         return [m for _, m, _ in self.specific] + [m for _, m, _ in self.generic]
@@ -93,25 +108,72 @@ class Plan:
     def named_modules(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m, _ in self.specific] + [(n, m) for n, m, _ in self.generic]
 
+    def apply(self, capture: Capture) -> None:
+        """Give every planned call its outputs' batch layouts."""
+        for m, per_call in self.layouts.items():
+            for call, layouts in zip(capture.calls[m], per_call):
+                call.layouts = list(layouts)
+
 
 # Plans per model. The key holds everything a plan is made from: which modules were called how
-# often, which parameters J is taken with respect to, and the rule registry's state.
+# often with which shapes (and which outputs were expanded), which parameters J is taken with
+# respect to, which of them the graph reaches outside the rules' modules, and the rule registry.
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
 
 
-def plan_for(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> Plan:
-    """The cached plan for this call pattern, or a new one (one walk of f's autograd graph)."""
-    key = (tuple((id(m), len(c)) for m, c in capture.calls.items()), tuple(sorted(trainable)), registry_version())
+def _call_pattern(capture: Capture) -> tuple:
+    return tuple(
+        (id(m), tuple((tuple(tuple(t.shape) for t in c.inputs + c.outputs), c.expanded) for c in calls))
+        for m, calls in capture.calls.items()
+    )
+
+
+def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[int]) -> Plan:
+    """The cached plan for this call pattern, or a new one (one walk of the autograd graph, one
+    probe backward and, for generic modules with ambiguous arguments, trial per-sample forwards)."""
+    specific = _specific_modules(model, capture, trainable)
+    reached = params_reached_outside(f_flat, [c for _, m, _ in specific for c in capture.calls[m]])
+    key = (_call_pattern(capture), tuple(sorted(trainable)), frozenset(reached), registry_version())
     cache = _PLANS.setdefault(model, {})
     plan = cache.get(key)
     # ids can be reused by a module that replaced a freed one: the plan must name these modules
     if plan is None or not all(m in capture.calls for m in plan.modules()):
-        plan = cache[key] = _make_plan(model, capture, f, trainable)
+        plan = _make_plan(model, capture, f_flat, trainable, specific, reached)
+        if not plan.shared:
+            cache[key] = plan
     return plan
 
 
-def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int]) -> Plan:
-    """Assign every trainable parameter that reaches the loss to a rule.
+def _specific_modules(model: nn.Module, capture: Capture, trainable: set[int]) -> list[tuple[str, nn.Module, Rule]]:
+    names = {m: n for n, m in model.named_modules()}
+    specific = []
+    for m in capture.calls:
+        rule, own = planned_rule(m, trainable)  # a parametrized module's rule covers its originals too
+        if rule is not None and own:
+            specific.append((names[m], m, rule))
+    return specific
+
+
+def mixing_error(names: dict[nn.Module, str], key: OutputKey) -> ValueError:
+    module, n, q = key
+    return ValueError(
+        f"module {names.get(module, '')!r} ({type(module).__name__}): each sample's output depends on "
+        f"other samples' values of this module's output (call {n}, output {q}) — the model mixes samples "
+        "after it (e.g. x - x.mean(0), F.batch_norm(training=True), attention or pooling over the batch "
+        "dimension), so per-sample Jacobian rows do not exist; compute that step per sample (eval-mode "
+        "statistics, a per-sample norm such as LayerNorm/GroupNorm)"
+    )
+
+
+def _make_plan(
+    model: nn.Module,
+    capture: Capture,
+    f_flat: Tensor,
+    trainable: set[int],
+    specific: list[tuple[str, nn.Module, Rule]],
+    reached: set[int],
+) -> Plan:
+    """Assign every trainable parameter that reaches the loss to a rule, then probe the layouts.
 
     A called module with a registered rule covers its own parameters. Every other parameter the
     autograd graph reaches (custom modules, modules used functionally by a parent, parameters
@@ -123,14 +185,7 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
     for m in model.modules():
         for child in m.children():
             parents.setdefault(child, m)
-    specific, covered = [], set()
-    for m in capture.calls:
-        rule, own = planned_rule(m, trainable)  # a parametrized module's rule covers its originals too
-        if rule is not None and own:
-            specific.append((names[m], m, rule))
-            covered.update(id(p) for p in own)
-    regions = [c for _, m, _ in specific for c in capture.calls[m]]
-    reached = params_reached_outside(f, regions)
+    covered = {id(p) for _, m, _ in specific for p in planned_rule(m, trainable)[1]}
     parametrizing = parametrization_modules(model)
     generic: dict[nn.Module, dict[str, nn.Parameter]] = {}
     for owner in model.modules():
@@ -148,4 +203,40 @@ def _make_plan(model: nn.Module, capture: Capture, f: Tensor, trainable: set[int
                 path.insert(0, names[host].rsplit(".", 1)[-1])
                 host = parents[host]
             generic.setdefault(host, {})[".".join(path)] = p
-    return Plan(specific, [(names[m], m, ps) for m, ps in generic.items()])
+    plan = Plan(specific, [(names[m], m, ps) for m, ps in generic.items()])
+    _probe(plan, capture, f_flat, names)
+    return plan
+
+
+def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, str]) -> None:
+    """Fill plan.layouts (or plan.shared) from one probe backward, then plan.in_dims."""
+    b = f_flat.shape[0]
+    calls = [(m, n, c) for m in plan.modules() for n, c in enumerate(capture.calls[m])]
+    generic = {m for _, m, _ in plan.generic}
+    # the generic rule also needs its differentiable arguments' layouts
+    args = [x for m, _, c in calls if m in generic for x in c.inputs if x.requires_grad]
+    zs = [z for _, _, c in calls for z in c.outputs]
+    grads = probe_grads(f_flat, zs + args) if zs + args else []
+    found = [BatchDim(0) if g is None else find_batch_dim(*g, b) for g in grads]
+    layout_of = {id(x): d for x, d in zip(zs + args, found)}
+    for m, n, c in calls:
+        per_call = plan.layouts.setdefault(m, [])
+        per_call.append([layout_of[id(z)] or BatchDim(0) for z in c.outputs])
+        for q, z in enumerate(c.outputs):
+            if layout_of[id(z)] is None:
+                if q in c.expanded:  # an expanded output is (b, …) with sample i at i by construction
+                    raise mixing_error(names, (m, n, q))
+                plan.shared[(m, n, q)] = tuple(z.shape)
+    if plan.shared:
+        return
+    reaching = {id(z) for z, g in zip(zs, grads) if g is not None}
+    for _, m, ps in plan.generic:
+        plan.in_dims[m] = []
+        for n, c in enumerate(capture.calls[m]):
+            c.layouts = list(plan.layouts[m][n])
+            if not any(id(z) in reaching for z in c.outputs):  # the rule skips this call
+                plan.in_dims[m].append((None,) * len(c.inputs))
+                continue
+            probed = [layout_of.get(id(x)) for x in c.inputs]
+            with parametrizations_in_eval([m]):  # its trial forwards must not iterate spectral_norm again
+                plan.in_dims[m].append(generic_in_dims(m, c, ps, b, names[m], probed))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Closure, Inputs, forward_of
-from .checks import LossSpec, check_damping, check_params_in_model, resolve_loss
+from .checks import LossSpec, check_damping, check_model, check_params_in_model, resolve_loss
 from .optim import StepInfo
 from .system import build_system
 
@@ -40,7 +40,7 @@ class EGNPreconditioner:
         params: Iterable[nn.Parameter] | None = None,
     ) -> None:
         self.damping = check_damping(damping)
-        self.params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        self.params = [p for p in (check_model(model).parameters() if params is None else params) if p.requires_grad]
         check_params_in_model(model, self.params)
         self.model = model
         self.loss_fn = resolve_loss(loss)

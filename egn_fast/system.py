@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture, Closure, Inputs, ModuleCall, forward_of, output_grads
-from .checks import LossSpec, check_damping, check_seq_method, resolve_loss
+from .checks import LossSpec, check_damping, check_row_space, check_seq_method, check_trainable, resolve_loss
 from .clock import StageClock
 from .errors import NonFiniteError
 from .losses import LossHead
 from .ops import Backend, get_backend
-from .plan import Plan, check_inputs, collect_trainable, plan_for
+from .forward import capture_planned, undone_on_error
+from .plan import Plan, check_inputs, collect_trainable
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .rules.parametrized import reevaluated_parametrizations
 from .solve import EigenSolver, damped_solve
@@ -99,6 +100,7 @@ class RowSpaceSystem:
 
     def solve_eigen(self, eig: EigenSolver, damping: float) -> Solution:
         """γ for damping λ > 0 from a precomputed eigendecomposition of K."""
+        damping = check_damping(damping)
         return self._solution(damping, eig.solve(self.w, self.b * damping), 0.0)
 
     def _solution(self, damping: float, gamma: Tensor, jitter: float) -> Solution:
@@ -160,9 +162,7 @@ def build_system(
     forward = forward_of(model, inputs, targets, closure)
     params, hooked = collect_trainable(model, None if params is None else {id(p) for p in params})
     loss_fn = resolve_loss(loss)
-    device = params[0].device
-    if any(p.device != device for p in params):
-        raise ValueError("the model's trainable parameters lie on several devices; egn_fast needs one")
+    device = check_trainable(model, params)
     ops = get_backend(backend, device)
     check_seq_method(seq_method)
     if inputs is not None:
@@ -171,56 +171,41 @@ def build_system(
     trainable = {id(p) for p in params}
     clock = StageClock(device, timings)
 
-    with clock("forward"):
-        for attempt in range(2):
-            with torch.enable_grad(), Capture(hooked) as capture:
-                out, targets = forward()
-                # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
-                f_flat = out.reshape(out.shape[0], -1) if isinstance(out, Tensor) and out.dim() else out
-            if not isinstance(out, Tensor):
-                raise ValueError(f"the model must return a tensor (b, …), got {type(out).__name__}")
-            if out.dim() == 0:
-                raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
-            b = out.shape[0]
-            if not torch.isfinite(f_flat).all():
-                raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
-            if not f_flat.requires_grad:
-                raise ValueError("the model's outputs do not depend on any trainable parameter")
-            plan = plan_for(model, capture, out, trainable)
-            # A model that edits a recorded tensor in place (ReLU(inplace=True) after a layer, x += …)
-            # would corrupt our factors: remember those modules and capture again with copies.
-            if not capture.stale_modules(plan.modules()):
-                break
-        else:
-            raise RuntimeError("recorded layer inputs/outputs are still modified in place after copying them")
+    with undone_on_error(model, device) as state:  # a refused call leaves buffers and RNG as they were
+        with clock("forward"):
+            b_known = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
+            capture, f_flat, targets, plan = capture_planned(model, forward, hooked, trainable, state, b_known)
+            b = f_flat.shape[0]
 
-    with clock("loss_head"):
-        targets = loss_fn.check_targets(f_flat, targets)
-        head = loss_fn.head(f_flat.detach(), targets, ops)
-        if not torch.isfinite(head.per_sample).all():
-            raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
-        s = head.S.shape[2]
-
-    with clock("backward"):
-        calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]
-        output_grads(f_flat, head.S.permute(2, 0, 1).to(f_flat.dtype), calls)
-        del out, f_flat
-
-    with clock("gram"):
-        # torch.func transforms in the generic rule still differentiate under no_grad
-        with torch.no_grad(), reevaluated_parametrizations(plan.named_modules(), capture.calls):
-            ctx = RuleContext("", b, s, acc_dtype, frozenset(trainable), seq_method)
-            factors = layer_factors(plan, capture, ctx, ops)
-            K = None
+        with clock("loss_head"):
+            targets = loss_fn.check_targets(f_flat, targets)
+            head = loss_fn.head(f_flat.detach(), targets, ops)
+            if not torch.isfinite(head.per_sample).all():
+                raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
+            s = head.S.shape[2]
             if gram:
-                K = torch.zeros(b * s, b * s, dtype=acc_dtype, device=device)
-                for f in factors:
-                    f.add_gram(K, ops)
-        # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
-        if K is not None and not torch.isfinite(K.diagonal().sum()):
-            raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
-    w = head.w.reshape(-1).to(acc_dtype)
-    return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock)
+                check_row_space(b, s, acc_dtype, device)
+
+        with clock("backward"):
+            calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]
+            output_grads(f_flat, head.S.permute(2, 0, 1).to(f_flat.dtype), calls)
+            del f_flat
+
+        with clock("gram"):
+            # torch.func transforms in the generic rule still differentiate under no_grad
+            with torch.no_grad(), reevaluated_parametrizations(plan.named_modules(), capture.calls):
+                ctx = RuleContext("", b, s, acc_dtype, frozenset(trainable), seq_method)
+                factors = layer_factors(plan, capture, ctx, ops)
+                K = None
+                if gram:
+                    K = torch.zeros(b * s, b * s, dtype=acc_dtype, device=device)
+                    for f in factors:
+                        f.add_gram(K, ops)
+            # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
+            if K is not None and not torch.isfinite(K.diagonal().sum()):
+                raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
+        w = head.w.reshape(-1).to(acc_dtype)
+        return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock)
 
 
 def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) -> list[Factors]:
@@ -238,7 +223,7 @@ def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) 
                 )
             factors.append(f)
     for name, m, ps in plan.generic:
-        f = generic_factors(m, capture.calls[m], replace(ctx, name=name), ps)
+        f = generic_factors(m, capture.calls[m], replace(ctx, name=name), ps, plan.in_dims[m])
         if f is not None:
             factors.append(f)
     capture.calls.clear()

@@ -28,6 +28,7 @@ __all__ = [
     "History",
     "prepare",
     "load_npz",
+    "check_labels",
     "sklearn_dataset",
     "make_mlp",
     "make_optimizer",
@@ -88,8 +89,10 @@ def prepare(name: str, X: np.ndarray, y: np.ndarray, task: str, test_fraction: f
     y = np.asarray(y)
     if X.ndim != 2:
         X = X.reshape(len(X), -1)
+    if y.ndim == 2 and y.shape[1] == 1:  # a column vector is one target per sample too
+        y = y[:, 0]
     if len(X) != len(y) or y.ndim != 1:
-        raise ValueError(f"need X (n, features) and y (n,); got X {X.shape} and y {y.shape}")
+        raise ValueError(f"need X (n, features) and y (n,) or (n, 1); got X {X.shape} and y {y.shape}")
     if not np.isfinite(X).all():
         raise ValueError("X contains nan/inf")
     if not 0 < test_fraction < 1:
@@ -108,6 +111,7 @@ def prepare(name: str, X: np.ndarray, y: np.ndarray, task: str, test_fraction: f
         y = ((y - y[tr].mean()) / (y[tr].std() or 1.0))[:, None]
         y_t, num_outputs = torch.tensor(y, dtype=torch.float32), 1
     else:
+        check_labels(y)
         classes, labels = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise ValueError("classification needs at least 2 classes in y")
@@ -116,8 +120,29 @@ def prepare(name: str, X: np.ndarray, y: np.ndarray, task: str, test_fraction: f
     return Dataset(name, task, X_t[tr], y_t[tr], X_t[test], y_t[test], num_outputs)
 
 
+def check_labels(y: np.ndarray) -> None:
+    """Class labels must be integers, booleans or strings (floats only when whole numbers), never nan."""
+    if y.dtype.kind not in "biufUS":
+        raise ValueError(f"classification labels must be integers or strings, got dtype {y.dtype}")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise ValueError("y contains nan/inf; classification needs a class label for every sample")
+        fractional = y[y != np.round(y)]
+        if len(fractional):
+            raise ValueError(
+                f"classification labels must be integers or strings, but y holds non-integer values such as "
+                f"{fractional[0]:g}; for a continuous target use the regression task (--task regression)"
+            )
+
+
 def load_npz(path: str | Path, x_key: str = "X", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """(X, y) from a .npz file holding arrays `x_key` and `y_key` (no pickles)."""
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{path} is a .npy file (one array); save X and y together with np.savez('data.npz', X=X, y=y)")
+    if magic[:2] != b"PK":  # a .npz is a zip archive of .npy files
+        raise ValueError(f"{path} is not a .npz archive (a zip of arrays, as np.savez writes); save X and y with np.savez('data.npz', X=X, y=y)")
     with np.load(path, allow_pickle=False) as data:
         missing = [k for k in (x_key, y_key) if k not in data.files]
         if missing:

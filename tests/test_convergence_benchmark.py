@@ -220,3 +220,43 @@ def test_jittered_solves_are_counted_not_printed(recwarn):
     run = convergence.train_run(task, spec, {"damping": 0.0}, data, "test", 0, task.steps, torch.device("cpu"), lambda k: None)
     assert run.diverged is None and run.jittered_solves == task.steps
     assert not [w for w in recwarn if "jitter" in str(w.message)]
+
+
+def test_quick_run_verdict_and_header_say_what_was_run():
+    task = synthetic_task()
+    row = lambda name, final, t: {"optimizer": name, "final": final, "time_to_target": t}  # noqa: E731
+    text = convergence_report.verdict(task, [row("egn", (0.20, 0.0), 2.0), row("adam", (0.25, 0.0), 1.0)], quick=True)
+    assert "EGN ahead in this smoke run (one grid point per optimizer, untuned" in text and "wins" not in text
+    report = {"machine": {"cpu": "x", "torch_threads": 1, "torch": "t"}, "settings": {"device": "cpu", "seeds": [0], "quick": True},
+              "tasks": []}
+    header = convergence_report.markdown(report)
+    assert "Quick smoke run: one grid point per optimizer, untuned" in header and "tuned on its grid" not in header
+
+
+def test_data_directory_comes_from_the_argument_or_egn_fast_data_only(tmp_path, monkeypatch):
+    write_diamonds(tmp_path / "diamonds.npz", 50, np.random.default_rng(2))
+    monkeypatch.setenv(datasets.DATA_ENV, str(tmp_path))
+    assert datasets.diamonds().X_train.shape == (45, 15)  # found through EGN_FAST_DATA
+    monkeypatch.delenv(datasets.DATA_ENV)
+    with pytest.raises(datasets.DataMissing) as missing:
+        datasets.diamonds()
+    assert str(missing.value) == (
+        "diamonds.npz not found (no --data-dir given and EGN_FAST_DATA is not set): put diamonds.npz (arrays carat, depth, "
+        "table, x, y, z, cut, color, clarity, price) into a directory and pass --data-dir DIR or set EGN_FAST_DATA=DIR "
+        "(sources: benchmarks/README.md, 'Data')")
+
+
+def test_california_without_file_or_network_is_one_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import sklearn.datasets
+
+    def offline(**kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(sklearn.datasets, "fetch_california_housing", offline)
+    with pytest.raises(datasets.DataMissing, match=rf"^california_housing.npz not found in {tmp_path}: .*; scikit-learn's "
+                                                   r"fetch_california_housing failed too \(<urlopen error no network>\)$"):
+        datasets.california_housing(tmp_path)
+    with pytest.raises(SystemExit, match="^convergence.py: california_housing.npz not found"):
+        convergence.main(["--quick", "--tasks", "california_housing", "--data-dir", str(tmp_path), "--out", str(tmp_path)])

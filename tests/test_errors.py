@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import egn_fast
+from egn_fast.checks import resolve_loss
 from models import make
+from oracle import dense_direction, rel_err
 
 
 @pytest.fixture
@@ -140,3 +142,108 @@ def test_negative_damping(mlp):
     model, x = mlp
     with pytest.raises(ValueError, match="damping must be"):
         egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64), damping=-1.0)
+
+
+def _snapshot(model):
+    """state_dict and .grad fields, cloned (the .grad fields set to random values first)."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return {n: v.clone() for n, v in model.state_dict().items()}, [p.grad.clone() for p in model.parameters()]
+
+
+def _same(model, snapshot):
+    state, grads = snapshot
+    return all(torch.equal(v, state[n]) for n, v in model.state_dict().items()) and all(
+        torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads)
+    )
+
+
+def _tiny_memory(monkeypatch):
+    monkeypatch.setattr(egn_fast.checks, "available_memory", lambda device: 1000)
+
+
+REFUSED = {  # name: (call(model, x, monkeypatch), exception, message)
+    "EGN(model.parameters())": (lambda model, x, mp: egn_fast.EGN(model.parameters()), TypeError,
+                                r"model must be a torch.nn.Module, got generator; pass the model itself, e.g. EGN\(model\) rather than "
+                                r"EGN\(model.parameters\(\)\), and params=\[…\]"),
+    "SGN(list of parameters)": (lambda model, x, mp: egn_fast.SGN(list(model.parameters())), TypeError, "got list; pass the model itself"),
+    "empty batch": (lambda model, x, mp: egn_fast.direction(model, x[:0], torch.randn(0, 3, dtype=torch.float64)), ValueError,
+                    r"the batch is empty \(outputs of shape \(0, 3\)\); pass at least one sample"),
+    "EGN.step on an empty batch": (lambda model, x, mp: egn_fast.EGN(model).step(x[:0], torch.randn(0, 3, dtype=torch.float64)),
+                                   ValueError, "the batch is empty"),
+    "torch loss with options": (lambda model, x, mp: egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64),
+                                                                        loss=nn.MSELoss(reduction="sum")), ValueError, "reduction='sum'"),
+    "EGN.step with float class targets": (lambda model, x, mp: egn_fast.EGN(model, loss=nn.CrossEntropyLoss()).step(x, torch.rand(5, 3)),
+                                          ValueError, "targets must be integer class indices"),
+    "row space too large": (lambda model, x, mp: (_tiny_memory(mp), egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64))),
+                            ValueError, r"m = 15 rows \(batch 5 × 3 per sample\): its 15×15 torch.float64 Gram and Cholesky need about "
+                                        r"5.4 kB, 1 kB is available on cpu; use a smaller batch .* egn_fast.SGN"),
+    "damping inf": (lambda model, x, mp: egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64), damping=float("inf")),
+                    ValueError, "damping must be a finite number ≥ 0, got inf"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_calls_leave_parameters_buffers_and_grads_bit_identical(mlp, monkeypatch, name):
+    call, error, match = REFUSED[name]
+    model, x = mlp
+    model.register_buffer("scale", torch.randn(3, dtype=torch.float64))
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        call(model, x, monkeypatch)
+    assert _same(model, before)
+
+
+def test_row_space_guard_allows_what_fits_and_sgn_needs_no_gram(mlp, monkeypatch):
+    model, x = mlp
+    y = torch.randn(5, 3, dtype=torch.float64)
+    need = egn_fast.checks.ROW_SPACE_MATRICES * 15 * 15 * 8  # three 15×15 float64 matrices
+    monkeypatch.setattr(egn_fast.checks, "available_memory", lambda device: need)
+    egn_fast.direction(model, x, y)  # exactly fits
+    monkeypatch.setattr(egn_fast.checks, "available_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match="m = 15 rows"):
+        egn_fast.direction(model, x, y)
+    info = egn_fast.SGN(model).step(x, y)  # matrix-free: no m×m matrix, not refused
+    assert info.direction_norm > 0
+
+
+def test_large_row_space_warns_once_it_fits(mlp, monkeypatch):
+    model, x = mlp
+    monkeypatch.setattr(egn_fast.checks, "LARGE_ROW_SPACE", 10)
+    with pytest.warns(RuntimeWarning, match=r"m = 15 rows \(batch 5 × 3 per sample\): each step builds a 15×15 Gram .*m³/3"):
+        egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_available_memory_is_a_plausible_byte_count():
+    have = egn_fast.checks.available_memory(torch.device("cpu"))
+    assert have is None or 2**20 < have < 2**50
+    assert egn_fast.checks.available_memory(torch.device("meta")) is None
+
+
+def test_model_on_the_meta_device_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to("meta")
+    with pytest.raises(ValueError, match=r"the model is on the meta device .* initialize its weights first"):
+        egn_fast.direction(model, torch.randn(4, 3, device="meta"), torch.randn(4, 2, device="meta"))
+
+
+def test_zero_dimensional_parameter_is_exact():
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.gain = nn.Linear(3, 2), nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.lin(x) * self.gain
+
+    torch.manual_seed(0)
+    model = Gain().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    got = egn_fast.direction(model, x, y, loss="mse", damping=0.1)
+    want = dense_direction(model, x, y, resolve_loss("mse"), 0.1)
+    assert got[0].shape == () and rel_err(got, want) < 1e-10  # the root's own parameter comes first
+
+
+def test_preconditioner_given_parameters_says_to_pass_the_model():
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"pass the model itself"):
+        egn_fast.EGNPreconditioner(model.parameters())

@@ -106,3 +106,116 @@ def test_custom_losses_through_direction_match_oracle(loss_kind):
     d = egn_fast.direction(model, x, y, loss=loss, damping=0.2)
     want = dense_direction(model, x, y, egn_fast.resolve_loss(loss), 0.2)
     assert rel_err(d, want) < 1e-8
+
+
+TORCH_MODULES = {
+    "MSELoss": (torch.nn.MSELoss(), lambda g: torch.randn(5, 3, generator=g, dtype=torch.float64)),
+    "CrossEntropyLoss": (torch.nn.CrossEntropyLoss(), lambda g: torch.randint(0, 3, (5,), generator=g)),
+    "BCEWithLogitsLoss": (torch.nn.BCEWithLogitsLoss(), lambda g: torch.rand(5, 3, generator=g, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_MODULES))
+def test_torch_loss_modules_give_their_own_lm_direction(name):
+    """loss=torch.nn.MSELoss() etc.: the direction −(H + λI)⁻¹g of the module's own value (H, g and λ
+    on its scale: MSELoss is (2/c)× our mse), against the dense oracle of the module itself."""
+    from models import make
+    from oracle import dense_batch_loss_direction, rel_err
+
+    module, make_targets = TORCH_MODULES[name]
+    model, x = make("mlp", True, 12)
+    y = make_targets(torch.Generator().manual_seed(4))
+    info = egn_fast.direction_with_info(model, x, y, loss=module, damping=0.3)
+    assert rel_err(info.direction, dense_batch_loss_direction(model, x, y, module, 0.3)) < 1e-8
+    assert info.loss == pytest.approx(float(module(model(x).detach(), y)), rel=1e-12)
+
+
+def test_torch_mse_module_is_our_mse_at_a_rescaled_damping():
+    from models import make
+    from oracle import rel_err
+
+    model, x = make("mlp", True, 13)
+    y = torch.randn(5, 3, dtype=torch.float64)
+    d_torch = egn_fast.direction(model, x, y, loss=torch.nn.MSELoss(), damping=0.2)
+    d_ours = egn_fast.direction(model, x, y, loss="mse", damping=0.2 * 3 / 2)  # λ·c/2
+    assert rel_err(d_torch, d_ours) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "module,match",
+    [
+        (torch.nn.MSELoss(reduction="sum"), r"MSELoss\(reduction='sum'\) is not supported: .* use reduction='mean'"),
+        (torch.nn.CrossEntropyLoss(weight=torch.ones(3)), r"CrossEntropyLoss\(weight=…\) is not supported"),
+        (torch.nn.CrossEntropyLoss(label_smoothing=0.1), r"CrossEntropyLoss\(label_smoothing=0.1\) is not supported"),
+        (torch.nn.CrossEntropyLoss(ignore_index=0), r"CrossEntropyLoss\(ignore_index=0\) is not supported"),
+        (torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), r"BCEWithLogitsLoss\(pos_weight=…\) is not supported"),
+        (torch.nn.L1Loss(), r"torch.nn.L1Loss\(\) is not supported; use torch.nn.MSELoss\(\).* a per-sample callable"),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+def test_torch_loss_modules_with_other_options_are_refused(module, match):
+    from models import make
+
+    model, x = make("mlp", True, 14)
+    y = torch.randint(0, 3, (5,)) if isinstance(module, torch.nn.CrossEntropyLoss) else torch.rand(5, 3, dtype=torch.float64)
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        egn_fast.direction(model, x, y, loss=module)
+    with pytest.raises(ValueError, match=match):
+        egn_fast.EGN(model, loss=module)
+    assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
+
+
+def huber(f, y):
+    return torch.nn.functional.huber_loss(f, y, reduction="sum", delta=0.5)
+
+
+@pytest.mark.parametrize("fn", [torch.nn.functional.cross_entropy, huber], ids=["cross_entropy", "huber"])
+def test_float32_callable_losses_match_the_oracle(fn):
+    """Convex losses with a singular (softmax) or piecewise output Hessian, in float32: the factor is
+    computed in float64, so no jitter failure and float32 accuracy."""
+    from models import make
+    from oracle import dense_direction, rel_err
+
+    model, x = make("mlp", True, 15)
+    model, x = model.float(), x.float()
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 3, (5,), generator=g) if fn is torch.nn.functional.cross_entropy else torch.randn(5, 3, generator=g)
+    d = egn_fast.direction(model, x, y, loss=fn, damping=0.1)
+    assert all(t.dtype == torch.float32 for t in d)
+    assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss(fn), 0.1)) < 1e-4
+
+
+def test_callable_loss_emits_no_warning():
+    """torch.func.hessian's forward mode scripts decompositions with the deprecated torch.jit.script
+    on first use in a process (a FutureWarning): checked in a fresh interpreter with warnings as errors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, egn_fast\n"
+        "egn_fast.direction(torch.nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4, 2),"
+        " loss=lambda f, y: torch.log(torch.cosh(f - y)).sum())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_per_token_cross_entropy_is_refused_and_the_suggested_loss_is_exact():
+    from oracle import dense_direction, rel_err
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(2, 6, 4, dtype=torch.float64), torch.randint(0, 3, (2, 6))
+    with pytest.raises(ValueError, match=r"targets \(2, 6\) are one class per token, and per-token losses .* not supported yet"
+                       r".*F.cross_entropy\(f.view\(6, 3\), y, reduction='sum'\)"):
+        egn_fast.direction(model, x, y, loss="cross_entropy")
+
+    def per_sequence(f, y):
+        return torch.nn.functional.cross_entropy(f.view(6, 3), y, reduction="sum")
+
+    d = egn_fast.direction(model, x, y, loss=per_sequence, damping=0.2)
+    assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss(per_sequence), 0.2)) < 1e-8

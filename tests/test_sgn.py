@@ -315,7 +315,7 @@ def test_argument_errors(kwargs, match):
 
 
 def test_model_and_step_argument_errors():
-    with pytest.raises(ValueError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
         egn_fast.SGN(lambda x: x)
     model = tiny(0)
     x, y = batch("mse", seed=0)

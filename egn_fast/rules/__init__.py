@@ -21,7 +21,7 @@ overrides a rule with `egn_fast.register_rule(ModuleType)` (see registry.py and 
 
 from . import activation, embedding, embedding_bag, factors, instance_norm, linear, norms, parametrized, recurrent, registry  # the built-in rules register themselves on import
 from .factors import *  # noqa: F403
-from .generic import generic_factors
+from .generic import generic_factors, generic_in_dims
 from .registry import *  # noqa: F403
 
-__all__ = [*factors.__all__, *registry.__all__, "generic_factors"]
+__all__ = [*factors.__all__, *registry.__all__, "generic_factors", "generic_in_dims"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..capture import ModuleCall
 from .factors import EmbeddingFactors, concat
-from .registry import RuleContext, check_batch, first_input, register_rule, used_calls
+from .registry import RuleContext, first_input, register_rule, used_calls
 
 __all__ = ["embedding_factors"]
 
@@ -20,8 +20,7 @@ def embedding_factors(module: nn.Embedding, calls: list[ModuleCall], ctx: RuleCo
         return None
     tok_parts, G_parts = [], []
     for call, G in used_calls(calls):
-        tokens = first_input(call)
-        check_batch(ctx.name, tokens, ctx.b)
+        tokens = first_input(call, ctx)
         tokens = tokens.reshape(ctx.b, -1)
         G = G.reshape(ctx.b, ctx.s, -1, G.shape[-1])
         if module.padding_idx is not None:  # the padding row gets no gradient

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import EmbeddingFactors, concat
-from .registry import RuleContext, check_batch, register_rule, used_calls
+from .registry import RuleContext, register_rule, used_calls
 
 __all__ = ["embedding_bag_factors"]
 
@@ -64,7 +64,9 @@ def embedding_bag_factors(module: nn.EmbeddingBag, calls: list[ModuleCall], ctx:
     tok_parts, G_parts = [], []
     for call, G in used_calls(calls):
         tokens, valid, weights = _padded_bags(module, call)
-        check_batch(ctx.name, tokens, ctx.b)
+        if tokens.shape[0] != ctx.b:
+            raise ValueError(f"module {ctx.name!r} (EmbeddingBag) received {tokens.shape[0]} bags for {ctx.b} samples; "
+                             "egn_fast needs one bag per sample")
         c = _coefficients(module, tokens, valid, weights)
         recorded = call.outputs[0].detach()
         reproduced = (c * module.weight.detach()[tokens]).sum(1)

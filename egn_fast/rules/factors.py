@@ -157,7 +157,7 @@ class PerSampleFactors(Factors):
         self.params, self.P = params, P
 
     def add_gram(self, K: Tensor, backend: Backend) -> None:
-        backend.gram_per_sample(K, concat([P.to(K.dtype).flatten(2) for P in self.P], 2))
+        backend.gram_per_sample(K, concat([P.to(K.dtype).reshape(*P.shape[:2], -1) for P in self.P], 2))  # 0-dim params too
 
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
         return [backend.backproject_per_sample(P, u) for P in self.P]

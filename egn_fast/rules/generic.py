@@ -1,19 +1,134 @@
 """The generic rule: per-sample gradients by torch.func, for any module no specific rule covers
 (custom modules, parameters used functionally by a parent module, subclasses that override a
 registered forward). Exact for any per-sample computation, but it stores m·n numbers for the
-module's n parameters and re-runs the module's forward per sample (vmapped)."""
+module's n parameters and re-runs the module's forward per sample (vmapped).
+
+The re-run takes sample i's slice of every argument that has samples (where: the plan's
+`generic_in_dims`) and the whole of every other argument (masks, buffers, shared tensors). It
+must reproduce the recorded outputs: a module that mixes samples or draws random numbers does
+not, and is refused instead of giving wrong rows.
+"""
 
 from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import ModuleCall
+from ..layout import BatchDim, to_batch_first
 from .factors import PerSampleFactors
 from .registry import RuleContext
 
-__all__ = ["generic_factors"]
+__all__ = ["generic_factors", "generic_in_dims"]
+
+# At most this many assignments of batch dimensions to ambiguous arguments are tried.
+_MAX_TRIALS = 64
+
+
+def _sample_of_output(z: Tensor, layout: BatchDim, expanded: bool) -> Tensor:
+    """One sample's output from a re-run on one sample: the batch of one removed (a folded
+    dimension keeps its fold), or a shared output as each sample sees it once expanded."""
+    if expanded:
+        return z[0] if z.dim() and z.shape[0] == 1 else z
+    return z.squeeze(layout.dim) if layout.fold == 1 else z
+
+
+def _per_sample_forward(
+    module: nn.Module, call: ModuleCall, in_dims: tuple[BatchDim | None, ...], b: int
+) -> tuple[tuple[Tensor, ...], Callable[[dict, tuple], tuple[Tensor, ...]]]:
+    """(the arguments with samples, batch-first; f(θ, sample i's slices) -> sample i's outputs)."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    leaves = [x.detach() if isinstance(x, Tensor) else x for x in leaves]
+    positions = [q for q, x in enumerate(leaves) if isinstance(x, Tensor)]
+    batched = [(q, d) for q, d in zip(positions, in_dims) if d is not None]
+    index, layouts, expanded = call.output_index, call.layouts, call.expanded
+
+    def outputs(theta: dict, xs_i: tuple) -> tuple[Tensor, ...]:
+        leaves_i = list(leaves)
+        for (q, d), x_i in zip(batched, xs_i):
+            leaves_i[q] = x_i.unsqueeze(d.dim) if d.fold == 1 else x_i  # a batch of one sample
+        args_i, kwargs_i = tree_unflatten(leaves_i, spec)
+        out = tree_flatten(torch.func.functional_call(module, theta, args_i, kwargs_i))[0]
+        return tuple(_sample_of_output(out[q], layouts[j], j in expanded) for j, q in enumerate(index))
+
+    return tuple(to_batch_first(leaves[q], d, b) for q, d in batched), outputs
+
+
+def _recorded(call: ModuleCall, b: int) -> tuple[Tensor, ...]:
+    """The recorded outputs, batch-first (b, …)."""
+    return tuple(
+        z.detach() if j in call.expanded else to_batch_first(z.detach(), call.layouts[j], b)
+        for j, z in enumerate(call.outputs)
+    )
+
+
+def _reproduces(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> bool:
+    """Outputs equal up to rounding (per-sample and batched kernels may sum in another order)."""
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return False
+        tol = 1e-9 if w.dtype == torch.float64 else 1e-4
+        if float((g.detach() - w).norm()) > tol * max(float(w.norm()), 1e-30):
+            return False
+    return True
+
+
+def _candidates(x: Tensor, probed: BatchDim | None, b: int, first_dim: int) -> list[BatchDim | None]:
+    """Where the samples may lie in an argument: the probe's answer for a differentiable one; else
+    every dimension of size b (the output's batch dimension first), folded ones, or none."""
+    if x.requires_grad or x.dim() == 0:
+        return [probed if x.requires_grad else None]
+    plain = sorted((k for k, n in enumerate(x.shape) if n == b), key=lambda k: k != first_dim)
+    folded = [k for k, n in enumerate(x.shape) if n != b and n % b == 0]
+    return [BatchDim(k) for k in plain] + [BatchDim(k, x.shape[k] // b) for k in folded] + [None]
+
+
+def generic_in_dims(
+    module: nn.Module,
+    call: ModuleCall,
+    params: dict[str, nn.Parameter],
+    b: int,
+    name: str,
+    probed: list[BatchDim | None],
+) -> tuple[BatchDim | None, ...]:
+    """The batch layout of each tensor argument of `call` (None: whole, the same for every sample).
+
+    Differentiable arguments take the probe's layout; for the others (inputs, masks, indices),
+    every candidate assignment is tried with a per-sample forward until one reproduces the
+    recorded outputs — e.g. a (T, T) attention mask when T = b is not sliced. One argument passed
+    several times gets one decision.
+    """
+    first_dim = call.layouts[0].dim if call.layouts else 0
+    distinct: dict[int, list[BatchDim | None]] = {}
+    for x, d in zip(call.inputs, probed):
+        distinct.setdefault(id(x), _candidates(x, d, b, first_dim))
+    keys = list(distinct)
+    choices = list(itertools.islice(itertools.product(*distinct.values()), _MAX_TRIALS))
+    if len(choices) == 1:
+        return tuple(choices[0][keys.index(id(x))] for x in call.inputs)  # checked at every step
+    theta = {n: p.detach() for n, p in params.items()}
+    want = _recorded(call, b)
+    for choice in choices:
+        in_dims = tuple(choice[keys.index(id(x))] for x in call.inputs)
+        try:
+            xs, outputs = _per_sample_forward(module, call, in_dims, b)
+            got = torch.func.vmap(lambda xs_i: outputs(theta, xs_i))(xs)
+        except Exception as err:  # this assignment does not even run: try the next one
+            if "random" in str(err).lower():
+                raise _rerun_error(name, module, err) from err
+            continue
+        if _reproduces(got, want):
+            return in_dims
+    raise ValueError(
+        f"module {name!r} ({type(module).__name__}) is handled by per-sample gradients (torch.func), and no "
+        "way of slicing its arguments per sample reproduces its recorded outputs: it mixes samples (batch "
+        "statistics, a reduction over the batch) or draws random numbers; put it in eval mode, make it "
+        "per-sample, or register a rule for it (egn_fast.register_rule)"
+    )
 
 
 def generic_factors(
@@ -21,50 +136,51 @@ def generic_factors(
     calls: list[ModuleCall],
     ctx: RuleContext,
     params: dict[str, nn.Parameter],
+    in_dims: list[tuple[BatchDim | None, ...]],
 ) -> PerSampleFactors | None:
     """Per-sample gradients of `module`'s outputs w.r.t. `params` (names relative to `module`),
     contracted with the recorded output-gradients: P_ik = Σ_calls ∂(G_ik · z_i)/∂θ, by torch.func
-    (vjp per sample, vmapped over the batch and the s cotangents). Other parameters are constants."""
+    (vjp per sample, vmapped over the batch and the s cotangents). Other parameters are constants.
+    in_dims: per call, the batch layout of each tensor argument (`generic_in_dims`)."""
     b, s = ctx.b, ctx.s
     theta = {n: p.detach() for n, p in params.items()}
     total: dict[str, Tensor] = {}
-    for call in calls:
+    for call, dims in zip(calls, in_dims):
         if not any(g is not None for g in call.grads):
             continue
-        cot = tuple(
-            g if g is not None else torch.zeros(b, s, *z.shape[1:], dtype=z.dtype, device=z.device)
-            for g, z in zip(call.grads, call.outputs)
-        )
-        leaves, spec = tree_flatten((call.args, call.kwargs))
-        leaves = [x.detach() if isinstance(x, Tensor) else x for x in leaves]
-        batched = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b]
-        index = call.output_index
+        want = _recorded(call, b)
+        cot = tuple(g if g is not None else torch.zeros(b, s, *z.shape[1:], dtype=z.dtype, device=z.device) for g, z in zip(call.grads, want))
+        xs, outputs = _per_sample_forward(module, call, dims, b)
 
-        def one_sample(batched_i: tuple, cot_i: tuple) -> dict:
-            leaves_i = list(leaves)
-            for q, x in zip(batched, batched_i):
-                leaves_i[q] = x.unsqueeze(0)
-            args_i, kwargs_i = tree_unflatten(leaves_i, spec)
-
-            def outputs(th: dict) -> tuple:
-                out = tree_flatten(torch.func.functional_call(module, th, args_i, kwargs_i))[0]
-                return tuple(out[q].squeeze(0) for q in index)
-
-            _, vjp_fn = torch.func.vjp(outputs, theta)
-            return torch.func.vmap(vjp_fn)(cot_i)[0]
+        def one_sample(xs_i: tuple, cot_i: tuple) -> tuple[dict, Any]:
+            out, vjp_fn = torch.func.vjp(lambda th: outputs(th, xs_i), theta)
+            return torch.func.vmap(vjp_fn)(cot_i)[0], out
 
         try:
-            grads = torch.func.vmap(one_sample)(tuple(leaves[q] for q in batched), cot)
+            grads, got = torch.func.vmap(one_sample)(xs, cot)
         except RuntimeError as err:
-            if "random" in str(err).lower():
-                raise RuntimeError(
-                    f"module {ctx.name!r} ({type(module).__name__}) is handled by per-sample gradients "
-                    "(torch.func) and draws random numbers in forward (dropout?): put the model "
-                    "in eval mode or remove the randomness"
-                ) from err
-            raise
+            raise _rerun_error(ctx.name, module, err) from err
+        if not _reproduces(got, want):
+            raise ValueError(
+                f"module {ctx.name!r} ({type(module).__name__}): its per-sample re-run (torch.func) no longer "
+                "reproduces its recorded outputs — it mixes samples or draws random numbers (dropout?); put it "
+                "in eval mode or make it per-sample"
+            )
         for n, g in grads.items():
             total[n] = total[n] + g if n in total else g
     if not total:
         return None
     return PerSampleFactors([params[n] for n in total], list(total.values()))
+
+
+def _rerun_error(name: str, module: nn.Module, err: Exception) -> RuntimeError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "random" in first.lower():
+        return RuntimeError(
+            f"module {name!r} ({type(module).__name__}) is handled by per-sample gradients (torch.func) and "
+            "draws random numbers in forward (dropout?): put the model in eval mode or remove the randomness"
+        )
+    return RuntimeError(
+        f"module {name!r} ({type(module).__name__}) is handled by per-sample gradients (torch.func), and "
+        f"its per-sample re-run failed: {first}. Register a rule for it (egn_fast.register_rule)"
+    )

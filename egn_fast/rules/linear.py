@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import SeqFactors, concat
-from .registry import RuleContext, check_batch, first_input, register_rule, used_calls
+from .registry import RuleContext, first_input, register_rule, used_calls
 
 __all__ = ["linear_factors", "conv_factors"]
 
@@ -19,8 +19,7 @@ def linear_factors(module: nn.Linear, calls: list[ModuleCall], ctx: RuleContext)
     G (b, s, T, out)."""
     A_parts, G_parts = [], []
     for call, G in used_calls(calls):
-        a = first_input(call).detach()
-        check_batch(ctx.name, a, ctx.b)
+        a = first_input(call, ctx)
         A_parts.append(a.reshape(ctx.b, -1, a.shape[-1]))
         G_parts.append(G.reshape(ctx.b, ctx.s, -1, G.shape[-1]))
     if not A_parts:
@@ -46,11 +45,10 @@ def conv_factors(module: nn.Conv1d | nn.Conv2d, calls: list[ModuleCall], ctx: Ru
     """One (A, G) pair per convolution group: A (b, T, in/groups·Πkernel) patches, G (b, s, T, out/groups)."""
     A_parts, G_parts = [], []
     for call, G in used_calls(calls):
-        x = first_input(call).detach()
+        x = first_input(call, ctx, position_wise=False)
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
         if x.dim() != spatial + 2:
             raise ValueError(f"module {ctx.name!r} ({type(module).__name__}) needs batched input (b, C, …), got {tuple(x.shape)}")
-        check_batch(ctx.name, x, ctx.b)
         A_parts.append(_unfold(module, x))
         G_parts.append(G.flatten(3).transpose(2, 3))  # (b, s, out, T) -> (b, s, T, out)
     if not A_parts:

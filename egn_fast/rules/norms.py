@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import PerSampleFactors
-from .registry import RuleContext, check_batch, first_input, register_rule, used_calls
+from .registry import RuleContext, first_input, register_rule, used_calls
 
 __all__ = ["layernorm_factors", "rmsnorm_factors", "groupnorm_factors", "batchnorm_factors"]
 
@@ -39,8 +39,7 @@ def _norm_factors(
 
     Pw = Pb = 0
     for call, G in used:
-        x = first_input(call).detach()
-        check_batch(ctx.name, x, ctx.b)
+        x = first_input(call, ctx, position_wise=channel_dim == -1)
         Gc = channel_major(G.to(ctx.dtype), 2)  # (b, s, n, L)
         if weight is not None:
             Pw = Pw + torch.einsum("bsnl,bnl->bsn", Gc, channel_major(normalize(x).to(ctx.dtype), 1))

@@ -29,7 +29,7 @@ from ..ops import get_backend
 from .factors import PerSampleFactors
 from .registry import Rule, RuleContext, rule_for
 
-__all__ = ["planned_rule", "parametrization_modules", "reevaluated_parametrizations"]
+__all__ = ["planned_rule", "parametrization_modules", "parametrizations_in_eval", "reevaluated_parametrizations"]
 
 _REPRODUCE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -58,23 +58,31 @@ def parametrization_modules(model: nn.Module) -> set[nn.Module]:
 
 
 @contextmanager
-def reevaluated_parametrizations(modules: list[tuple[str, nn.Module]], calls: dict[nn.Module, list[ModuleCall]]) -> Iterator[None]:
-    """While the rules run: every parametrization inside `modules` (qualified name, module) in eval mode, so re-evaluating
-    W = P(original) does not update buffers (spectral_norm's power iteration already ran in the
-    forward, and W used the updated u, v). Checks first that this reproduces the W that every
-    recorded ParametrizationList call returned; the modes are restored on exit."""
-    plists = {pl: f"{top_name}.{name}".lstrip(".") for top_name, top in modules for name, pl in top.named_modules()
-              if isinstance(pl, parametrize.ParametrizationList)}
-    modes = {m: m.training for pl in plists for m in pl.modules()}
+def parametrizations_in_eval(modules: list[nn.Module]) -> Iterator[None]:
+    """Every parametrization inside `modules` in eval mode while egn_fast re-evaluates them, so
+    W = P(original) does not update buffers again (spectral_norm's power iteration already ran in
+    the forward, and W used the updated u, v); the modes are restored on exit."""
+    modes = {m: m.training for top in modules for pl in top.modules() if isinstance(pl, parametrize.ParametrizationList)
+             for m in pl.modules()}
     try:
         for m in modes:
             m.training = False
-        for plist, name in plists.items():
-            _check_reproduces(name, plist, calls.get(plist, []))
         yield
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+@contextmanager
+def reevaluated_parametrizations(modules: list[tuple[str, nn.Module]], calls: dict[nn.Module, list[ModuleCall]]) -> Iterator[None]:
+    """While the rules run: `parametrizations_in_eval` for `modules` (qualified name, module),
+    after checking that this reproduces the W every recorded ParametrizationList call returned."""
+    with parametrizations_in_eval([m for _, m in modules]):
+        for top_name, top in modules:
+            for name, plist in top.named_modules():
+                if isinstance(plist, parametrize.ParametrizationList):
+                    _check_reproduces(f"{top_name}.{name}".lstrip("."), plist, calls.get(plist, []))
+        yield
 
 
 def _chained(rule: Rule) -> Rule:

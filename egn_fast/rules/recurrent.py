@@ -4,7 +4,7 @@ per-sample gradient rows by torch.func over a functional re-implementation of th
 
 The recurrent kernels cannot be vmapped per sample, and a sequence layer's tensors are
 batch-major only with batch_first=True, so the rules
-- move the batch dimension of every recorded tensor to the front (input (T, b, in) or
+- move the batch dimension of every recorded input and output to the front (input (T, b, in) or
   (b, T, in); h0/c0 and h_n/c_n (layers·directions, b, H); a cell's (b, in), (b, H)),
 - check that the re-implementation reproduces the module's recorded outputs (else refuse), and
 - return rows P (b, s, *param.shape) = Σ_outputs ∂(G_ik · z_i)/∂θ for every trainable weight.
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import PerSampleFactors
-from .registry import RuleContext, check_batch, first_input, register_rule
+from .registry import RuleContext, register_rule
 
 __all__ = ["recurrent_factors", "cell_factors", "run_recurrence", "run_cell"]
 
@@ -37,10 +37,10 @@ def _batch_major(x: Tensor, batch_dim: int) -> Tensor:
     return x.movedim(batch_dim, 0)
 
 
-def _grad_batch_major(G: Tensor, batch_dim: int) -> Tensor:
-    """An output-gradient as capture stores it, (z.shape[0], s, *z.shape[1:]), as (b, s, …)
-    with the batch dimension `batch_dim` of z in front (the rest in order)."""
-    return G.movedim(1, 0).movedim(1 + batch_dim, 0)
+def _arguments(call: ModuleCall) -> tuple[Tensor, Tensor | tuple[Tensor, ...] | None]:
+    """The call's input (as passed: its samples where the layout puts them) and hx (or None)."""
+    x = call.args[0] if call.args else call.kwargs["input"]
+    return x, call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
 
 
 def _refuse(ctx: RuleContext, module: nn.Module, why: str) -> ValueError:
@@ -136,7 +136,7 @@ Layout = tuple[Tensor, tuple[Tensor, ...], tuple[int, ...], SampleForward]
 def _sequence_layout(module: nn.RNNBase, call: ModuleCall, ctx: RuleContext) -> Layout:
     """x (b, T, in), states (h0,) / (h0, c0) each (b, L·D, H) or (), the batch dimension of each
     output leaf (output, h_n, c_n), and the per-sample forward."""
-    x, hx = first_input(call), call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    x, hx = _arguments(call)
     if isinstance(x, nn.utils.rnn.PackedSequence):
         raise _refuse(ctx, module, "received a PackedSequence, whose rows mix the samples: pass a "
                       "padded tensor (nn.utils.rnn.pad_packed_sequence) and pick each sample's last step")
@@ -153,7 +153,7 @@ def _sequence_layout(module: nn.RNNBase, call: ModuleCall, ctx: RuleContext) -> 
 
 def _cell_layout(cell: nn.RNNCellBase, call: ModuleCall, ctx: RuleContext) -> Layout:
     """x (b, in), states (h,) / (h, c) each (b, H) or (); every output leaf is batch-major."""
-    x, hx = first_input(call), call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    x, hx = _arguments(call)
     if x.dim() != 2:
         raise _refuse(ctx, cell, f"needs a batched input (2-D), got shape {tuple(x.shape)}")
     # An LSTMCell computed by composite ops (CPU) forms h' from c': hold c' for h' (see _cell).
@@ -194,11 +194,12 @@ def _recurrent_rows(
             continue
         x, states, batch_dims, forward = layout(module, call, ctx)
         x, states = x.detach(), tuple(h.detach() for h in states)
-        check_batch(ctx.name, x, ctx.b)
+        if x.shape[0] != ctx.b:
+            raise _refuse(ctx, module, f"received an input of shape {tuple(x.shape)} that does not hold the {ctx.b} samples")
         out = torch.func.vmap(lambda x_i, s_i: forward(weights, x_i, s_i))(x, states)
         for q, z in zip(call.output_index, call.outputs):
             _check_reproduces(module, ctx, q, out[q], _batch_major(z.detach(), batch_dims[q]))
-        cot = tuple(_grad_batch_major(G, batch_dims[q]) for q, G in used)
+        cot = tuple(G for _, G in used)  # (b, s, …): capture moved the samples first
         index = [q for q, _ in used]
 
         def one_sample(x_i: Tensor, states_i: tuple[Tensor, ...], cot_i: tuple[Tensor, ...]) -> dict[str, Tensor]:

@@ -40,7 +40,6 @@ __all__ = [
     "registry_version",
     "used_calls",
     "first_input",
-    "check_batch",
 ]
 
 
@@ -126,15 +125,23 @@ def used_calls(calls: list[ModuleCall]) -> list[tuple[ModuleCall, Tensor]]:
     return [(c, c.grads[0]) for c in calls if c.grads and c.grads[0] is not None]
 
 
-def first_input(call: ModuleCall, name: str = "input") -> Tensor:
-    """The call's first positional argument, or its keyword argument `name`."""
-    return call.args[0] if call.args else call.kwargs[name]
-
-
-def check_batch(module_name: str, x: Tensor, b: int) -> None:
-    """ValueError unless x is (b, …): rules read dimension 0 as the sample."""
-    if x.dim() == 0 or x.shape[0] != b:
+def first_input(call: ModuleCall, ctx: RuleContext, name: str = "input", position_wise: bool = True) -> Tensor:
+    """The call's first positional argument (or keyword argument `name`), detached, with its
+    samples on dimension 0: (b, *rest). A position-wise module (one that treats every leading
+    position alike: Linear, Embedding, LayerNorm) may get its samples along any dimension, folded
+    or not (egn_fast.layout); any other (convolutions, channel norms) must get them on dimension 0.
+    """
+    x = call.args[0] if call.args else call.kwargs[name]
+    layout = call.layouts[0] if call.layouts else None
+    if not position_wise and layout is not None and (layout.dim, layout.fold) != (0, 1) and 0 not in call.expanded:
         raise ValueError(
-            f"module {module_name!r} received an input of shape {tuple(x.shape)} whose leading "
-            f"dimension is not the batch size {b}; egn_fast needs per-sample inputs (b, …)"
+            f"module {ctx.name!r} receives its samples along dimension {layout.dim} of an input of shape "
+            f"{tuple(x.shape)}; it needs them along dimension 0 (b, C, …): move the batch dimension first"
         )
+    x = call.batch_first(x.detach(), ctx.b)
+    if x.dim() == 0 or x.shape[0] != ctx.b:
+        raise ValueError(
+            f"module {ctx.name!r} received an input of shape {tuple(x.shape)} that does not hold the "
+            f"{ctx.b} samples; egn_fast needs per-sample inputs"
+        )
+    return x

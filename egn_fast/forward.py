@@ -1,0 +1,131 @@
+"""The forward stage: run the model once with hooks, plan the capture (egn_fast.plan), and run it
+again only when the plan asks for it — tensors shared by all samples to expand (egn_fast.layout),
+recorded tensors the model edits in place to copy. Whatever a forward changes besides its outputs
+(buffers such as running statistics, the RNG state) is undone before a re-run and on any error,
+so the user's forward takes effect exactly once per step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .capture import Capture, Closure
+from .checks import per_sample_outputs
+from .errors import NonFiniteError
+from .plan import OutputKey, Plan, mixing_error, plan_for
+
+__all__ = ["ModelState", "undone_on_error", "capture_planned"]
+
+# Per model: the batch size and the outputs that its last plan found shared (egn_fast.layout).
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple]]]" = weakref.WeakKeyDictionary()
+
+
+class ModelState:
+    """The model's buffers and the RNG state before a forward, to undo what a forward did
+    (running statistics, power iterations, dropout draws) before it runs again or on an error:
+    the user's forward changes them exactly once per step."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.buffers = [(buf, buf.clone()) for buf in model.buffers()]
+        self.device = device
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+
+
+def _check_outputs(f_flat: Tensor) -> None:
+    if not torch.isfinite(f_flat).all():
+        raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
+    if not f_flat.requires_grad:
+        raise ValueError("the model's outputs do not depend on any trainable parameter")
+
+
+@contextmanager
+def undone_on_error(model: nn.Module, device: torch.device) -> Iterator[ModelState]:
+    """The model's state before the block; restored if the block raises."""
+    state = ModelState(model, device)
+    try:
+        yield state
+    except BaseException:
+        state.restore()
+        raise
+
+
+def capture_planned(
+    model: nn.Module,
+    forward: Closure,
+    hooked: list[nn.Module],
+    trainable: set[int],
+    state: ModelState,
+    batch_size: int | None = None,
+) -> tuple[Capture, Tensor, object, Plan]:
+    """Run the captured forward and plan it: (capture, f_flat (b, c), targets, plan), the plan's
+    layouts applied to the calls. batch_size: b when known before the forward (the targets'),
+    else the last plan's is assumed for shared tensors and checked. `state` (taken before the
+    first forward) is restored before every re-run, so the model's own forward takes effect once."""
+    names = {m: n for n, m in model.named_modules()}
+    b_shared, expand = _SHARED.get(model, (0, {}))
+    b_shared = batch_size or b_shared  # which outputs are shared does not depend on b
+    newest: dict[OutputKey, tuple] = {}  # the expansion this attempt tries for the first time
+    reference: Tensor | None = None  # f before it, which the expansion must leave unchanged
+    for attempt in range(5):
+        if attempt:
+            state.restore()
+        try:
+            with torch.enable_grad(), Capture(hooked, expand, b_shared) as capture:
+                out, targets = forward()
+                # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
+                f_flat = per_sample_outputs(out)  # a tensor (b, …), b ≥ 1, flattened to (b, c)
+        except Exception as err:
+            if newest:
+                raise mixing_error(names, next(iter(newest))) from err
+            if not expand:
+                raise
+            expand = {}  # expansions made for another batch size broke the forward: plan afresh
+            continue
+        _check_outputs(f_flat)
+        b = out.shape[0]
+        if any(c.expanded for calls in capture.calls.values() for c in calls) and not newest:
+            if b != b_shared or _target_batch(targets) not in (None, b):
+                expand = {}  # made for another batch size
+                continue
+        if newest and not _unchanged(reference, f_flat):
+            raise mixing_error(names, next(iter(newest)))
+        plan = plan_for(model, capture, f_flat, trainable)
+        if plan.shared:
+            if newest:  # already expanded once and still not per-sample
+                raise mixing_error(names, next(iter(plan.shared)))
+            reference, newest = f_flat.detach(), plan.shared
+            expand, b_shared = {**expand, **plan.shared}, b
+            continue
+        newest = {}
+        # A model that edits a recorded tensor in place (ReLU(inplace=True) after a layer, x += …)
+        # would corrupt our factors: remember those modules and capture again with copies.
+        if capture.stale_modules(plan.modules()):
+            continue
+        _SHARED[model] = (b, expand)
+        plan.apply(capture)
+        return capture, f_flat, targets, plan
+    raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
+
+
+def _target_batch(targets: object) -> int | None:
+    return targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
+
+
+def _unchanged(reference: Tensor, f_flat: Tensor) -> bool:
+    """Whether expanding shared outputs left the model's outputs as they were."""
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return reference.shape == f_flat.shape and torch.allclose(reference, f_flat.detach(), rtol=1e-5, atol=1e-6 * scale)

@@ -1,0 +1,102 @@
+"""Where the samples lie in each recorded tensor (docs/design.md §2.1).
+
+A rule reads per-sample rows from a module's input a and output-gradient G, so it must know
+which slices of a and z belong to sample i. `probe_layouts` finds out once per plan, with one
+backward from two samples' outputs: for a recorded tensor z, sample i's slice is the one whose
+entries move f_i and no other f_j. Three outcomes:
+
+- a batch dimension `BatchDim(dim, fold, minor)`: z.shape[dim] = b·fold, sample i at
+  [i·fold, (i+1)·fold) (sample-major; fold = 1 is the plain case, fold = T is x.reshape(-1, D)
+  of (b, T, D)) or at i, i + b, … (minor: the reshape of a seq-first (T, b, D));
+- shared: z is the same for every sample (a position embedding of (1, T) ids, a Linear on a
+  (T, d) buffer), so each sample's output depends on all of it. The capture then hands the
+  model z expanded to (b, …) (`expand_shared`), which broadcasting makes equal in value, and
+  the expanded copy carries per-sample gradients;
+- mixed: z still moves other samples' outputs after expansion (x − x.mean(0), batch
+  statistics): per-sample rows do not exist and the plan refuses the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["BatchDim", "to_batch_first", "find_batch_dim", "expand_shared", "probe_grads"]
+
+
+@dataclass(frozen=True)
+class BatchDim:
+    """Samples along dimension `dim` of a tensor: b·fold entries, sample-major unless `minor`."""
+
+    dim: int
+    fold: int = 1
+    minor: bool = False
+
+    def shifted(self, k: int) -> "BatchDim":
+        """The same layout in a tensor with k more leading dimensions (e.g. the s cotangents)."""
+        return BatchDim(self.dim + k, self.fold, self.minor)
+
+
+PLAIN = BatchDim(0)
+
+
+def to_batch_first(x: Tensor, layout: BatchDim, b: int) -> Tensor:
+    """x with its samples on dimension 0: (b, *rest), where a folded dimension keeps its fold
+    in place of the samples, e.g. (b·T, D) -> (b, T, D) and seq-first (T, b, D) -> (b, T, D)."""
+    k = layout.dim
+    if layout.fold != 1:
+        x = x.unflatten(k, (layout.fold, b) if layout.minor else (b, layout.fold))
+        if layout.minor:
+            k += 1
+    return x if k == 0 else x.movedim(k, 0)
+
+
+def _sample_indices(nonzero: Tensor, dim: int) -> Tensor:
+    """Indices along `dim` where a boolean tensor has any True entry."""
+    return nonzero.movedim(dim, 0).reshape(nonzero.shape[dim], -1).any(1).nonzero().flatten()
+
+
+def find_batch_dim(first: Tensor, last: Tensor, b: int) -> BatchDim | None:
+    """The batch layout read off two probe gradients of a tensor z: `first` = ∂(v₀·f₀)/∂z and
+    `last` = ∂(v·f_{b−1})/∂z (random v). None when no dimension separates the two samples
+    (z is shared, or samples mix downstream of it)."""
+    nz_first, nz_last = first != 0, last != 0
+    if not (nz_first.any() or nz_last.any()):
+        # neither probed sample's output depends on z at all (both fully masked or dead after a
+        # ReLU): the probe cannot tell; assume the usual leading batch dimension
+        return BatchDim(0) if first.dim() and first.shape[0] == b else None
+
+    plain, folded = [], []
+    for k, size in enumerate(first.shape):
+        if size % b == 0:
+            (plain if size == b else folded).append(k)
+    for k in plain + folded:
+        fold = first.shape[k] // b
+        i0, i1 = _sample_indices(nz_first, k), _sample_indices(nz_last, k)
+        if bool((i0 < fold).all()) and bool((i1 >= (b - 1) * fold).all()):
+            return BatchDim(k, fold)
+        if fold > 1 and bool((i0 % b == 0).all()) and bool((i1 % b == b - 1).all()):
+            return BatchDim(k, fold, minor=True)
+    return None
+
+
+def expand_shared(z: Tensor, b: int) -> Tensor:
+    """A shared tensor as b identical samples: (1, *rest) -> (b, *rest), else (*shape) ->
+    (b, *shape). A copy, so a consumer's in-place op cannot write through overlapping memory."""
+    expanded = z.expand(b, *z.shape[1:]) if z.dim() and z.shape[0] == 1 else z.unsqueeze(0).expand(b, *z.shape)
+    return expanded.contiguous()
+
+
+def probe_grads(f_flat: Tensor, zs: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
+    """(∂(v₀·f₀)/∂z, ∂(v·f_{b−1})/∂z) for every z, v random: one backward with 2 batched
+    cotangents. None for a z that f does not depend on. The graph is kept for later passes."""
+    b = f_flat.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.zeros(2, *f_flat.shape, dtype=f_flat.dtype, device=f_flat.device)
+    # values in [1, 2): no cancellation to an exact zero that would hide a dependence
+    v[0, 0] = (1 + torch.rand(f_flat.shape[1], generator=gen, dtype=torch.float64)).to(v)
+    v[1, b - 1] = (1 + torch.rand(f_flat.shape[1], generator=gen, dtype=torch.float64)).to(v)
+    grads = torch.autograd.grad(f_flat, zs, v, is_grads_batched=True, allow_unused=True, retain_graph=True)
+    return [None if g is None else (g[0], g[1]) for g in grads]
