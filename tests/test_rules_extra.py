@@ -187,14 +187,17 @@ def test_instance_norm_matches_the_oracle(track_running_stats, training):
     _check_exact(model.train(training), torch.randn(5, 2, 6, dtype=torch.float64), "cross_entropy")
 
 
-def test_multihead_attention_with_its_default_need_weights_matches_the_oracle():
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_with_its_default_need_weights_matches_the_oracle(batch_first):
     class Attention(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn, self.out = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, OUT)
+            self.attn, self.out = nn.MultiheadAttention(4, 2, batch_first=batch_first), nn.Linear(4, OUT)
 
-        def forward(self, x: Tensor) -> Tensor:
-            a, weights = self.attn(x, x, x)  # need_weights=True: the averaged weights are an output too
+        def forward(self, x: Tensor) -> Tensor:  # x (b, T, 4)
+            h = x if batch_first else x.transpose(0, 1)
+            a, weights = self.attn(h, h, h)  # need_weights=True: the averaged weights (b, T, T) are an output too
+            a = a if batch_first else a.transpose(0, 1)
             return self.out(a.mean(1) + weights.sum(2)[:, :1])
 
     torch.manual_seed(8)
