@@ -1,0 +1,139 @@
+"""What each rank runs in tests/test_distributed.py (module-level functions, so spawned processes
+can import them). Every rank builds the same float64 model from one seed, the same global batch,
+takes its shard and computes the reference itself: the single-process result on the whole batch."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import egn_fast
+from egn_fast import resolve_loss
+from models import make, targets
+from oracle import dense_direction, rel_err
+
+LOSSES = ["mse", "cross_entropy", "bce"]
+# dense, sequence, embedding, norms, the generic rule (custom module, MultiheadAttention), a tied
+# parameter across modules (merged rows), convolution
+EXACT_KINDS = ["mlp", "seq_linear", "embedding", "norms", "custom_module", "multihead_attention", "shared_across_modules", "conv1d"]
+
+
+def shard_sizes(world: int) -> list[int]:
+    """Unequal shards of a global batch of 10: [4, 6] or [2, 3, 5]."""
+    return {1: [10], 2: [4, 6], 3: [2, 3, 5]}[world]
+
+
+def problem(kind: str, loss: str, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """A float64 model and a global batch of 10 random samples with targets."""
+    model, x0 = make(kind, True, seed)
+    x1 = make(kind, True, seed + 1)[1]
+    return model, torch.cat([x0, x1]), targets(loss, b=10, seed=seed)
+
+
+def shard(rank: int, world: int, *tensors: Tensor) -> list[Tensor]:
+    sizes = shard_sizes(world)
+    start = sum(sizes[:rank])
+    return [t[start:start + sizes[rank]] for t in tensors]
+
+
+def exact_directions(rank: int, world: int, cases: list[tuple[str, str, bool]]) -> dict:
+    """rel. error of the exact distributed direction vs the single-process one, per case."""
+    errors = {}
+    for kind, loss, ddp in cases:
+        seed = zlib.crc32(repr((kind, loss)).encode()) % 10_000
+        model, x, y = problem(kind, loss, seed)
+        want = egn_fast.direction(model, x, y, loss=loss, damping=0.1)
+        xr, yr = shard(rank, world, x, y)
+        wrapped = nn.parallel.DistributedDataParallel(model) if ddp else model
+        got = egn_fast.direction(wrapped, xr, yr, loss=loss, damping=0.1, process_group=dist.group.WORLD)
+        errors[(kind, loss, ddp)] = rel_err(got, want)
+        if kind == "mlp" and loss == "cross_entropy":  # and the dense oracle on the global batch
+            errors[("oracle", kind, loss)] = rel_err(got, dense_direction(model, x, y, resolve_loss(loss), 0.1))
+    return errors
+
+
+def local_mode(rank: int, world: int) -> dict:
+    """The local mode vs the mean of each shard's single-process direction."""
+    model, x, y = problem("seq_linear", "cross_entropy", 7)
+    per_rank = [egn_fast.direction(model, *shard(r, world, x, y), loss="cross_entropy", damping=0.1) for r in range(world)]
+    want = [sum(ds) / world for ds in zip(*per_rank)]
+    xr, yr = shard(rank, world, x, y)
+    got = egn_fast.direction(model, xr, yr, loss="cross_entropy", damping=0.1, process_group=dist.group.WORLD, distributed="local")
+    exact = egn_fast.direction(model, x, y, loss="cross_entropy", damping=0.1)
+    return dict(err=rel_err(got, want), distance_to_exact=rel_err(got, exact))
+
+
+def bad_inputs(rank: int, world: int) -> dict:
+    """A NaN in rank 1's inputs, then out-of-range targets on the last rank: every rank must raise,
+    naming the rank; afterwards the group still works."""
+    model, x, y = problem("mlp", "cross_entropy", 3)
+    xr, yr = shard(rank, world, x, y)
+    raised = {}
+    if rank == 1:
+        xr = xr.clone()
+        xr[0, 1] = float("nan")
+    for name, inputs, labels in [("nan", xr, yr), ("targets", shard(rank, world, x, y)[0], yr + 10 * (rank == world - 1))]:
+        try:
+            egn_fast.direction(model, inputs, labels, loss="cross_entropy", process_group=dist.group.WORLD)
+            raised[name] = None
+        except ValueError as err:
+            raised[name] = (type(err).__name__, str(err))
+    opt = egn_fast.EGN(model, loss="cross_entropy", process_group=dist.group.WORLD, skip_nonfinite=True)
+    bad = shard(rank, world, x, y)[0].clone()
+    if rank == 0:
+        bad[:] = float("inf")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = opt.step(bad, yr)
+    raised["skipped"] = (info.accepted, info.reason)
+    d = egn_fast.direction(model, *shard(rank, world, x, y), loss="cross_entropy", process_group=dist.group.WORLD)
+    raised["after"] = rel_err(d, egn_fast.direction(model, x, y, loss="cross_entropy"))
+    return raised
+
+
+def _optimizer(model: nn.Module, momentum: float, group) -> egn_fast.EGN:
+    return egn_fast.EGN(
+        model, loss="cross_entropy", lr=1.0, damping=0.5, momentum=momentum, line_search="armijo",
+        adaptive_damping=True, process_group=group,
+    )
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def optimizer_steps(rank: int, world: int, path: str) -> dict:
+    """5 EGN steps (Armijo, adaptive damping, with and without momentum) on shards vs one process on
+    the whole batch; then rank 0 saves, every rank loads into a fresh copy, and 2 more steps must
+    match continuing without the round trip."""
+    out = {}
+    for momentum in (0.0, 0.9):
+        model, x, y = problem("norms", "cross_entropy", 11)
+        batches = [(x, y)] + [problem("norms", "cross_entropy", 12 + k)[1:] for k in range(4)]
+        single, dp = copy.deepcopy(model), copy.deepcopy(model)
+        ref, opt = _optimizer(single, momentum, None), _optimizer(dp, momentum, dist.group.WORLD)
+        infos = []
+        for xb, yb in batches:
+            want = ref.step(xb, yb)
+            got = opt.step(*shard(rank, world, xb, yb))
+            infos.append((got.accepted == want.accepted, abs(got.loss - want.loss), got.damping == want.damping))
+        out[momentum] = dict(err=rel_err([_flat(dp)], [_flat(single)]), infos=infos, params=_flat(dp))
+        if momentum:
+            if rank == 0:
+                torch.save(opt.state_dict(), path)
+            dist.barrier()
+            resumed = copy.deepcopy(dp)
+            opt2 = _optimizer(resumed, momentum, dist.group.WORLD)
+            opt2.load_state_dict(torch.load(path, weights_only=False))
+            for xb, yb in batches[:2]:
+                opt.step(*shard(rank, world, xb, yb))
+                opt2.step(*shard(rank, world, xb, yb))
+            out["resumed_equal"] = torch.equal(_flat(resumed), _flat(dp))
+            out["state_damping"] = opt2.damping == opt.damping
+    return out

@@ -1,0 +1,45 @@
+"""Data-parallel EGN on real gloo process groups (spawned on the CPU, tests/distributed_harness.py)
+against the single-process result on the concatenated batch (docs/design.md §6)."""
+
+import pytest
+import torch
+
+import distributed_cases as cases
+from distributed_harness import run_ranks
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+
+
+def test_exact_direction_on_2_ranks_equals_single_process_on_the_whole_batch():
+    grid = [(kind, loss, False) for kind in cases.EXACT_KINDS for loss in cases.LOSSES]
+    grid += [("mlp", "mse", True), ("seq_linear", "cross_entropy", True), ("embedding", "bce", True)]
+    for errors in run_ranks(cases.exact_directions, 2, grid):
+        assert len(errors) == len(grid) + 1
+        assert {k: e for k, e in errors.items() if not e < 1e-10} == {}
+
+
+def test_3_ranks_exact_local_and_a_bad_rank_raises_everywhere():
+    grid = [("mlp", "cross_entropy", False), ("embedding", "mse", False), ("norms", "bce", True)]
+    results = run_ranks(_three_rank_checks, 3, grid)
+    for rank, (errors, local, raised) in enumerate(results):
+        assert errors and max(errors.values()) < 1e-10
+        assert local["err"] < 1e-10 and local["distance_to_exact"] > 1e-6  # an approximation, not exact
+        assert raised["nan"][0] == "NonFiniteError" and raised["nan"][1].startswith("rank 1 of 3:")
+        assert raised["targets"][1].startswith("rank 2 of 3:") and "target" in raised["targets"][1]
+        assert raised["skipped"][0] is False and raised["skipped"][1].startswith("rank 0 of 3:")
+        assert raised["after"] < 1e-10
+
+
+def _three_rank_checks(rank, world, grid):
+    return cases.exact_directions(rank, world, grid), cases.local_mode(rank, world), cases.bad_inputs(rank, world)
+
+
+def test_5_egn_steps_on_2_ranks_equal_single_process_and_resume_exactly(tmp_path):
+    results = run_ranks(cases.optimizer_steps, 2, str(tmp_path / "egn.pt"))
+    for r in results:
+        for momentum in (0.0, 0.9):
+            assert r[momentum]["err"] < 1e-10
+            assert all(same_accept and dloss < 1e-12 and same_damping for same_accept, dloss, same_damping in r[momentum]["infos"])
+        assert r["resumed_equal"] and r["state_damping"]
+    for momentum in (0.0, 0.9):  # bit-identical parameters on every rank
+        assert torch.equal(results[0][momentum]["params"], results[1][momentum]["params"])
