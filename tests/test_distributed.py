@@ -25,7 +25,7 @@ def test_3_ranks_exact_local_and_a_bad_rank_raises_everywhere():
         assert errors and max(errors.values()) < 1e-10
         assert local["err"] < 1e-10 and local["distance_to_exact"] > 1e-6  # an approximation, not exact
         assert raised["nan"][0] == "NonFiniteError" and raised["nan"][1].startswith("rank 1 of 3:")
-        assert raised["targets"][1].startswith("rank 2 of 3:") and "target" in raised["targets"][1]
+        assert raised["targets"][1].startswith("rank 2 of 3:") and "out of range" in raised["targets"][1]
         assert raised["skipped"][0] is False and raised["skipped"][1].startswith("rank 0 of 3:")
         assert raised["after"] < 1e-10
 
