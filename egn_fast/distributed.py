@@ -32,7 +32,7 @@ from .ops import Backend
 from .rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
 from .system import RowSpaceSystem, Solution, build_system, row_jvp
 
-__all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "factor_bytes", "row_bytes"]
+__all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "factor_bytes", "row_bytes", "sendable"]
 
 MODES = ("exact", "local")
 # Errors re-raised on every rank as the class the failing rank raised; any other as RuntimeError.
@@ -155,14 +155,13 @@ class DataParallel:
             head = local.head
             tensors = [head.per_sample.detach()]
             if self.exact:
-                local.factors = [_sendable(f, local.backend, local.w.dtype) for f in local.factors]
+                local.factors = [sendable(f, local.backend, local.w.dtype) for f in local.factors]
                 tensors += [head.r, head.S, head.w] + [t for f in local.factors for t in _tensors_of(f)]
-                bad = [i for i, t in enumerate(tensors) if t.is_floating_point() and not torch.isfinite(t).all()]
-                if bad:
+                if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
                     raise NonFiniteError("non-finite layer factors (an input or output-gradient is nan/inf)")
-            # the shapes past the batch dimension must agree across ranks (model, sequence lengths)
-            layout = [(type(f).__name__, [(str(t.dtype), tuple(t.shape[1:])) for t in _tensors_of(f)]) for f in local.factors]
-            signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in tensors[:4]], layout)).encode())
+                # the shapes past the batch dimension must agree across ranks (model, sequence lengths)
+                layout = [(type(f).__name__, str(t.dtype), tuple(t.shape[1:])) for f in local.factors for t in _tensors_of(f)]
+                signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in tensors[:4]], layout)).encode())
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by sync
             error = err
         table = self.sync(error, [local.b if local is not None else 0, signature])
@@ -254,7 +253,8 @@ class DataParallelSystem:
         """g = (1/b) Σ_r J̃_rᵀw_r of the global batch-mean loss, shaped like the parameters."""
         if self.glob is not None:
             return self.glob.gradient()
-        return [x * (self.dp.world * self.local.b / self.b) for x in self.dp.all_reduce_mean(self.local.gradient())]
+        weighted = [g * self.local.b for g in self.local.gradient()]  # J̃_rᵀw_r
+        return [x * (self.dp.world / self.b) for x in self.dp.all_reduce_mean(weighted)]
 
     def curvature(self, forward: Closure, steps: list[Tensor]) -> float:
         """sᵀHs = (1/b) Σ_r ‖J̃_r s‖² (forward: this rank's closure; steps like `params`)."""
@@ -299,7 +299,7 @@ def _batch_and_s(f: Factors) -> tuple[int, int]:
     return G.shape[0], G.shape[1]
 
 
-def _sendable(f: Factors, backend: Backend, dtype: torch.dtype) -> Factors:
+def sendable(f: Factors, backend: Backend, dtype: torch.dtype) -> Factors:
     """The form of a layer's rows that moves fewer bytes: its factors, or its per-sample gradient
     rows when those are smaller (a sequence layer with T·(in + s·out) > s·in·out). Both scale with
     b_r, so every rank picks the same. A factor type of a user rule travels as per-sample rows."""

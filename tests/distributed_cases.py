@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import egn_fast
 from egn_fast import resolve_loss
+from egn_fast.distributed import MODES, DataParallel
 from models import make, targets
 from oracle import dense_direction, rel_err
 
@@ -67,7 +68,18 @@ def local_mode(rank: int, world: int) -> dict:
     xr, yr = shard(rank, world, x, y)
     got = egn_fast.direction(model, xr, yr, loss="cross_entropy", damping=0.1, process_group=dist.group.WORLD, distributed="local")
     exact = egn_fast.direction(model, x, y, loss="cross_entropy", damping=0.1)
-    return dict(err=rel_err(got, want), distance_to_exact=rel_err(got, exact))
+    out = dict(err=rel_err(got, want), distance_to_exact=rel_err(got, exact))
+    # the global gradient and sᵀHs the optimizer uses, in both modes, vs one process
+    whole = egn_fast.build_system(model, x, y, loss="cross_entropy")
+    steps = [torch.randn_like(p) for p in whole.params]
+    want_curvature = float(egn_fast.row_jvp(whole, egn_fast.forward_of(model, x, y, None), steps).pow(2).sum()) / whole.b
+    for mode in MODES:
+        dp = DataParallel(dist.group.WORLD, mode, x.device)
+        system = dp.build_system(model, xr, yr, loss="cross_entropy")
+        curvature = system.curvature(egn_fast.forward_of(model, xr, yr, None), steps)
+        out[mode] = (rel_err(system.gradient(), whole.gradient()), abs(curvature - want_curvature) / want_curvature,
+                     abs(system.loss - whole.loss))
+    return out
 
 
 def bad_inputs(rank: int, world: int) -> dict:

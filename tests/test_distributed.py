@@ -1,6 +1,11 @@
 """Data-parallel EGN on real gloo process groups (spawned on the CPU, tests/distributed_harness.py)
 against the single-process result on the concatenated batch (docs/design.md §6)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +35,8 @@ def test_3_ranks_exact_local_and_a_bad_rank_raises_everywhere():
     check_exact([directions for directions, _, _ in results], grid)
     for directions, local, raised in results:
         assert local["err"] < 1e-10 and local["distance_to_exact"] > 1e-6  # an approximation, not exact
+        for mode in ("exact", "local"):  # global gradient, sᵀHs and loss
+            assert max(local[mode]) < 1e-10, (mode, local[mode])
         assert raised["nan"][0] == "NonFiniteError" and raised["nan"][1].startswith("rank 1 of 3:")
         assert raised["targets"][1].startswith("rank 2 of 3:") and "out of range" in raised["targets"][1]
         assert raised["skipped"][0] is False and raised["skipped"][1].startswith("rank 0 of 3:")
@@ -49,3 +56,14 @@ def test_5_egn_steps_on_2_ranks_equal_single_process_and_resume_exactly(tmp_path
         assert r["resumed_equal"] and r["state_damping"]
     for momentum in (0.0, 0.9):  # bit-identical parameters on every rank
         assert torch.equal(results[0][momentum]["params"], results[1][momentum]["params"])
+
+
+def test_the_readme_torchrun_example_runs_on_the_cpu():
+    """examples/torchrun_egn.py under torchrun, 2 CPU processes, as the README launches it."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "examples" / "torchrun_egn.py"), "--steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=repo)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step 1: loss" in out.stdout and "2 ranks, identical parameters: True" in out.stdout
