@@ -195,6 +195,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Projected seconds per step against GPUs: compute vs each route's communication."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report["projection"]), figsize=(6 * len(report["projection"]), 4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], report["projection"].items()):
+        for per_gpu, style in ((4, "--"), (64, "-")):
+            mine = [r for r in rows if r["per_gpu"] == per_gpu]
+            gpus = [r["gpus"] for r in mine]
+            for key, label, color in (("compute_s", "Gram + Cholesky", "k"), ("gather_s", "gather (implemented)", "C0"),
+                                      ("shard_s", "shard", "C1"), ("ddp_s", "DDP all-reduce", "C2")):
+                ax.loglog(gpus, [r[key] for r in mine], style, color=color, marker="o", label=f"{label}, {per_gpu}/GPU")
+        ax.set(title=f"{name}: projected s per step (8 GPUs/node)", xlabel="GPUs", ylabel="seconds")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def local_distance() -> float:
     """‖d_local − d_exact‖/‖d_exact‖ for the MLP, b = 64 split in 2: the mean of the two shards'
     single-process directions (what local mode returns) vs the whole batch's."""
@@ -230,6 +251,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distributed_cpu.json").write_text(json.dumps(report, indent=1))
     (args.out / "distributed_cpu.md").write_text(markdown(report))
+    plot(report, args.out / "distributed_projection.png")
     print(markdown(report))
 
 
