@@ -30,6 +30,7 @@ from .errors import NonFiniteError, SolveError
 from .losses import Loss, LossHead
 from .ops import Backend
 from .rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
+from .distributed_shard import ShardedRows, shard_pays
 from .system import RowSpaceSystem, Solution, build_system, row_jvp
 
 __all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "factor_bytes", "row_bytes", "sendable"]
@@ -170,22 +171,33 @@ class DataParallel:
             raise ValueError("the ranks' shards differ past the batch dimension (shapes, sequence lengths or model)")
         sizes = table[:, 1].tolist()
         if self.exact:
+            # layers whose rows travel as per-sample gradients are sharded by column where that moves fewer bytes
+            rows = [f for f in local.factors if isinstance(f, PerSampleFactors)]
+            if not shard_pays(sum(p.numel() for f in rows for p in f.params), sum(sizes) * local.s, self.world):
+                rows = []
+            kept = [f for f in local.factors if not any(f is g for g in rows)]
             with local.clock("communicate"):
-                gathered = self.gather_rows(tensors, sizes)
-            return DataParallelSystem(self, local, self._global_system(local, gathered, sum(sizes)), gathered[0])
+                gathered = self.gather_rows(tensors[:4] + [t for f in kept for t in _tensors_of(f)], sizes)
+                sharded = [ShardedRows(self.group, rows, sizes, local.s, local.w.dtype)] if rows else []
+            local.factors = []  # the local rows are inside the gathered and sharded ones
+            system = self._global_system(local, kept, sharded, gathered, sum(sizes))
+            return DataParallelSystem(self, local, system, gathered[0])
         with local.clock("communicate"):
             (per_sample,) = self.gather_rows(tensors, sizes)
         return DataParallelSystem(self, local, None, per_sample)
 
-    def _global_system(self, local: RowSpaceSystem, gathered: list[Tensor], b: int) -> RowSpaceSystem:
-        """The system of the concatenated batch from the gathered head and factors."""
+    def _global_system(
+        self, local: RowSpaceSystem, kept: list[Factors], sharded: list[Factors], gathered: list[Tensor], b: int
+    ) -> RowSpaceSystem:
+        """The system of the concatenated batch: the gathered head, the `kept` layers rebuilt from
+        their gathered tensors, and the sharded rows."""
         per_sample, r, S, w = gathered[:4]
         factors, rest = [], gathered[4:]
-        for f in local.factors:
+        for f in kept:
             n = len(_tensors_of(f))
             factors.append(_rebuilt(f, rest[:n]))
             rest = rest[n:]
-        local.factors = []  # the local rows are inside the gathered ones
+        factors += sharded
         K = torch.zeros(b * local.s, b * local.s, dtype=local.w.dtype, device=self.device)
         with local.clock("gram"):
             for f in factors:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 import egn_fast
 from egn_fast import resolve_loss
 from egn_fast.distributed import MODES, DataParallel
+from egn_fast.distributed_shard import ShardedRows
 from models import make, targets
 from oracle import dense_direction, rel_err
 
@@ -57,6 +58,9 @@ def exact_directions(rank: int, world: int, cases: list[tuple[str, str, bool]]) 
             if kind == "mlp" and loss == "cross_entropy":
                 err = max(err, rel_err(got, dense_direction(model, x, y, resolve_loss(loss), 0.1)))
         out[(kind, loss, ddp)] = (torch.cat([t.reshape(-1) for t in got]), err)
+        if kind == "multihead_attention":  # its generic-rule rows take the parameter-sharded route
+            system = DataParallel(dist.group.WORLD, "exact", x.device).build_system(model, xr, yr, loss=loss)
+            out[("sharded", kind, loss)] = sum(isinstance(f, ShardedRows) for f in system.glob.factors)
     return out
 
 
@@ -130,7 +134,10 @@ def optimizer_steps(rank: int, world: int, path: str) -> dict:
     out = {}
     for momentum in (0.0, 0.9):
         model, x, y = problem("norms", "cross_entropy", 11)
-        batches = [(x, y)] + [problem("norms", "cross_entropy", 12 + k)[1:] for k in range(4)]
+        if momentum:  # a wide LayerNorm: its rows take the parameter-sharded route (sᵀHs by row JVPs)
+            model = nn.Sequential(nn.Linear(4, 48), nn.LayerNorm(48), nn.Tanh(), nn.Linear(48, 3)).double()
+            x = x[:, 0]
+        batches = [(x, y)] + [(xb[:, 0] if momentum else xb, yb) for xb, yb in (problem("norms", "cross_entropy", 12 + k)[1:] for k in range(4))]
         single, dp = copy.deepcopy(model), copy.deepcopy(model)
         ref, opt = _optimizer(single, momentum, None), _optimizer(dp, momentum, dist.group.WORLD)
         infos = []
@@ -139,6 +146,8 @@ def optimizer_steps(rank: int, world: int, path: str) -> dict:
             got = opt.step(*shard(rank, world, xb, yb))
             infos.append((got.accepted == want.accepted, abs(got.loss - want.loss), got.damping == want.damping))
         out[momentum] = dict(err=rel_err([_flat(dp)], [_flat(single)]), infos=infos, params=_flat(dp))
+        system = DataParallel(dist.group.WORLD, "exact", x.device).build_system(dp, *shard(rank, world, x, y), loss="cross_entropy")
+        out[momentum]["sharded"] = sum(isinstance(f, ShardedRows) for f in system.glob.factors)
         if momentum:
             if rank == 0:
                 torch.save(opt.state_dict(), path)

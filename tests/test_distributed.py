@@ -23,14 +23,17 @@ def test_exact_direction_on_2_ranks_equals_single_process_on_the_whole_batch():
 
 def check_exact(results: list[dict], grid: list) -> None:
     """rank 0's direction within 1e-10 of the single-process one; every rank's the same bits."""
-    assert sorted(results[0]) == sorted(grid)
-    assert {case: err for case, (_, err) in results[0].items() if not err < 1e-10} == {}
+    sharded = {case: n for case, n in results[0].items() if case[0] == "sharded"}
+    assert all(n == 1 for n in sharded.values())
+    directions = {case: v for case, v in results[0].items() if case not in sharded}
+    assert sorted(directions) == sorted(grid)
+    assert {case: err for case, (_, err) in directions.items() if not err < 1e-10} == {}
     for other in results[1:]:
-        assert all(torch.equal(other[case][0], d) for case, (d, _) in results[0].items())
+        assert all(torch.equal(other[case][0], d) for case, (d, _) in directions.items())
 
 
 def test_3_ranks_exact_local_and_a_bad_rank_raises_everywhere():
-    grid = [("mlp", "cross_entropy", False), ("embedding", "mse", False), ("norms", "bce", True)]
+    grid = [("mlp", "cross_entropy", False), ("embedding", "mse", False), ("norms", "bce", True), ("multihead_attention", "mse", False)]
     results = run_ranks(_three_rank_checks, 3, grid)
     check_exact([directions for directions, _, _ in results], grid)
     for directions, local, raised in results:
@@ -52,6 +55,7 @@ def test_5_egn_steps_on_2_ranks_equal_single_process_and_resume_exactly(tmp_path
     for r in results:
         for momentum in (0.0, 0.9):
             assert r[momentum]["err"] < 1e-10
+            assert r[momentum]["sharded"] == (momentum > 0)  # both exact routes are exercised
             assert all(same_accept and dloss < 1e-12 and same_damping for same_accept, dloss, same_damping in r[momentum]["infos"])
         assert r["resumed_equal"] and r["state_damping"]
     for momentum in (0.0, 0.9):  # bit-identical parameters on every rank
