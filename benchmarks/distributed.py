@@ -3,10 +3,12 @@
 1. Bytes sent per rank per step, per layer, by the two exact routes and by DDP's gradient
    all-reduce, counted from the real layer factors of a shard (R ranks, ring collectives: an
    all-gather of n numbers per rank sends (R−1)·n, an all-reduce of N sends 2(R−1)/R·N):
-   - gather (implemented): all-gather each layer's factors, or its per-sample rows where those
-     are smaller (`sendable`), plus the loss head (ℓ, r, S, w);
-   - shard (counted only): all-to-all of the per-sample rows by parameter slice (each rank keeps
-     1/R of the columns of all m rows: m_r·n_l·(R−1)/R) and one all-reduce of the m × m Gram;
+   - gather: all-gather each layer's factors, or its per-sample rows where those are smaller
+     (`sendable`), plus the loss head (ℓ, r, S, w);
+   - shard: all-to-all of every layer's per-sample rows by parameter slice (each rank keeps 1/R
+     of the columns of all m rows: m_r·n_l·(R−1)/R) and one all-reduce of the m × m Gram;
+   - chosen (what the code does): gather, except that the layers whose rows travel as per-sample
+     gradients are sharded when `shard_pays` (+ the all-gather of their back-projected slices);
    - DDP: all-reduce of the gradient (d numbers).
 2. Step time with 1 and 2 processes (gloo, one thread each), exact vs local.
 3. A projection to 8 GPUs × 1–8 nodes (weak scaling, 64 samples per GPU): communication time
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import egn_fast  # noqa: E402
-from egn_fast.distributed import sendable, factor_bytes, row_bytes  # noqa: E402
+from egn_fast.distributed import factor_bytes, row_bytes, sendable  # noqa: E402
+from egn_fast.distributed_shard import shard_pays  # noqa: E402
 
 # NCCL bus bandwidths (nccl-tests "busbw"): 8×H100 SXM NVLink-4 all-reduce 460–480 GB/s
 # (docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests); across nodes one 400 Gb/s NDR
@@ -93,7 +96,13 @@ def bytes_per_step(name: str, b: int, world: int) -> dict:
             ddp=int(2 * (world - 1) / world * n_params * itemsize),
         ))
     m = m_r * world
+    rows_n = sum(layer["params"] for layer in layers if layer["form"] == "rows")
+    sharded = shard_pays(rows_n, m, world)  # the code's choice for the per-sample-row layers
+    for layer in layers:
+        layer["chosen"] = "shard" if sharded and layer["form"] == "rows" else "gather"
     total = dict(
+        chosen=sum(layer[layer["chosen"]] for layer in layers) + (world - 1) * head_bytes
+        + (int(2 * (world - 1) / world * m * m * itemsize) + (world - 1) * -(-rows_n // world) * itemsize if sharded else 0),
         gather=sum(l["gather"] for l in layers) + (world - 1) * head_bytes,
         shard=sum(l["shard"] for l in layers) + int(2 * (world - 1) / world * m * m * itemsize) + (world - 1) * head_bytes,
         ddp=sum(l["ddp"] for l in layers),
@@ -153,9 +162,9 @@ def projection(name: str) -> list[dict]:
         gram = sum(_gram_macs(f, m, b) for f in system.factors)
         compute = (2 * gram + m**3 / 3) / GPU_FLOPS
         bw, lat = (NVLINK_BUSBW, NVLINK_LATENCY) if nodes == 1 else (IB_BUSBW, IB_LATENCY)
-        comm = {route: counted["total"][route] / bw + 4 * lat for route in ("gather", "shard", "ddp")}
+        comm = {route: counted["total"][route] / bw + 4 * lat for route in ("chosen", "gather", "shard", "ddp")}
         rows.append(dict(per_gpu=per_gpu, nodes=nodes, gpus=world, m=m, compute_s=compute, **{f"{k}_s": v for k, v in comm.items()},
-                         gather_over_compute=comm["gather"] / compute))
+                         comm_over_compute=comm["chosen"] / compute))
     return rows
 
 
@@ -176,11 +185,11 @@ def markdown(report: dict) -> str:
     lines = ["# Data-parallel EGN: communication per step and step time (CPU, gloo)", ""]
     for counted in report["bytes"]:
         lines += [f"## {counted['model']}, b = {counted['b']}, {counted['world']} ranks (m = {counted['m']}), bytes sent per rank per step", "",
-                  "| layer | params | gathered as | gather (implemented) | shard (counted) | DDP all-reduce |", "|---|---|---|---|---|---|"]
+                  "| layer | params | gathered as | gather | shard | chosen | DDP all-reduce |", "|---|---|---|---|---|---|---|"]
         for l in counted["layers"]:
-            lines.append(f"| {l['layer']} | {l['params']} | {l['form']} | {l['gather']:,} | {l['shard']:,} | {l['ddp']:,} |")
+            lines.append(f"| {l['layer']} | {l['params']} | {l['form']} | {l['gather']:,} | {l['shard']:,} | {l['chosen']} | {l['ddp']:,} |")
         t = counted["total"]
-        lines += [f"| **total** (+ loss head {counted['head_bytes']:,} B/rank; shard + m×m all-reduce) | | | **{t['gather']:,}** | **{t['shard']:,}** | **{t['ddp']:,}** |", ""]
+        lines += [f"| **total** (+ loss head {counted['head_bytes']:,} B/rank; shard: + m×m all-reduce) | | | **{t['gather']:,}** | **{t['shard']:,}** | **{t['chosen']:,}** | **{t['ddp']:,}** |", ""]
     lines += ["## Step time (median s, EGN step without line search, one thread per process)", "",
               "| model | b | 1 process | 2 processes exact | 2 processes local |", "|---|---|---|---|---|"]
     for r in report["step_time"]:
@@ -188,9 +197,11 @@ def markdown(report: dict) -> str:
     lines += ["", f"Local mode's distance to the exact direction (relative, MLP, b = 64, 2 ranks): {report['local_distance']:.3g}", ""]
     for name, rows in report["projection"].items():
         lines += [f"## Projection, {name}, 8 GPUs per node (weak scaling)", "",
-                  "| samples/GPU | nodes | GPUs | m | Gram + Cholesky (s) | gather comm (s) | shard comm (s) | DDP comm (s) | gather / compute |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| samples/GPU | nodes | GPUs | m | Gram + Cholesky (s) | chosen comm (s) | gather comm (s) | shard comm (s) | DDP comm (s) | chosen / compute |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['per_gpu']} | {r['nodes']} | {r['gpus']} | {r['m']} | {r['compute_s']:.2e} | {r['gather_s']:.2e} | {r['shard_s']:.2e} | {r['ddp_s']:.2e} | {r['gather_over_compute']:.3g} |")
+            lines.append(f"| {r['per_gpu']} | {r['nodes']} | {r['gpus']} | {r['m']} | {r['compute_s']:.2e} | {r['chosen_s']:.2e} | {r['gather_s']:.2e} | "
+                         f"{r['shard_s']:.2e} | {r['ddp_s']:.2e} | {r['comm_over_compute']:.3g} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -207,8 +218,8 @@ def plot(report: dict, path: Path) -> None:
         for per_gpu, style in ((4, "--"), (64, "-")):
             mine = [r for r in rows if r["per_gpu"] == per_gpu]
             gpus = [r["gpus"] for r in mine]
-            for key, label, color in (("compute_s", "Gram + Cholesky", "k"), ("gather_s", "gather (implemented)", "C0"),
-                                      ("shard_s", "shard", "C1"), ("ddp_s", "DDP all-reduce", "C2")):
+            for key, label, color in (("compute_s", "Gram + Cholesky", "k"), ("chosen_s", "EGN exact (chosen routes)", "C3"),
+                                      ("gather_s", "gather", "C0"), ("shard_s", "shard", "C1"), ("ddp_s", "DDP all-reduce", "C2")):
                 ax.loglog(gpus, [r[key] for r in mine], style, color=color, marker="o", label=f"{label}, {per_gpu}/GPU")
         ax.set(title=f"{name}: projected s per step (8 GPUs/node)", xlabel="GPUs", ylabel="seconds")
         ax.legend(fontsize=6)
