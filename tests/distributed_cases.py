@@ -101,6 +101,19 @@ def bad_inputs(rank: int, world: int) -> dict:
             raised[name] = None
         except ValueError as err:
             raised[name] = (type(err).__name__, str(err))
+    seq, xs, ys = problem("seq_linear", "mse", 5)  # a longer sequence on rank 0: refused everywhere
+    xs = torch.cat([xs, xs[:, :1]], 1) if rank == 0 else xs
+    replica = copy.deepcopy(model)  # rank 1's replica differs by one ulp-scale change: refused everywhere
+    if rank == 1:
+        with torch.no_grad():
+            replica[0].weight[0, 0] += 1e-12
+    for name, call in [("seq_len", lambda: egn_fast.direction(seq, *shard(rank, world, xs, ys), process_group=dist.group.WORLD)),
+                       ("replicas", lambda: egn_fast.EGN(replica, process_group=dist.group.WORLD))]:
+        try:
+            call()
+            raised[name] = None
+        except ValueError as err:
+            raised[name] = str(err)
     opt = egn_fast.EGN(model, loss="cross_entropy", process_group=dist.group.WORLD, skip_nonfinite=True)
     bad = shard(rank, world, x, y)[0].clone()
     if rank == 0:

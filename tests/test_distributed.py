@@ -44,6 +44,8 @@ def test_3_ranks_exact_local_and_a_bad_rank_raises_everywhere():
         assert raised["targets"][1].startswith("rank 2 of 3:") and "out of range" in raised["targets"][1]
         assert raised["skipped"][0] is False and raised["skipped"][1].startswith("rank 0 of 3:")
         assert raised["after"] < 1e-10
+        assert "differ past the batch dimension" in raised["seq_len"]
+        assert "rank(s) [1] differ from rank 0" in raised["replicas"]
 
 
 def _three_rank_checks(rank, world, grid):
