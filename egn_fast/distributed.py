@@ -4,10 +4,11 @@ Each of the R ranks of a process group holds a shard of the global batch (b_r sa
 differ in size, b = Σ_r b_r, m = b·s rows) and a replica of the parameters.
 
 - "exact": every rank builds its layer factors, the ranks all-gather them (packed per dtype into
-  one (b_r, n) buffer, padded to the largest shard: one all_gather per dtype), and every rank then
-  forms the global Gram K (m × m), solves (K + bλI)γ = w and back-projects all m rows itself. The
-  result is the direction one process computes on the concatenated batch (ranks in order), the
-  same bits on every rank; no all-reduce of d is needed.
+  one (b_r, n) buffer, padded to the largest shard: one all_gather per dtype) — except the layers
+  that exist only as per-sample rows, sharded by parameter when that moves fewer bytes
+  (egn_fast.distributed_shard) — and every rank then forms the global Gram K (m × m), solves
+  (K + bλI)γ = w and back-projects. The result is the direction one process computes on the
+  concatenated batch (ranks in order), the same bits on every rank; no all-reduce of d is needed.
 - "local": each rank solves its own system (b_r, damping b_r·λ) and the ranks average their
   directions (one all-reduce, like DDP's gradient). An approximation of the exact direction.
 
@@ -29,8 +30,8 @@ from .capture import Closure, Inputs, forward_of
 from .errors import NonFiniteError, SolveError
 from .losses import Loss, LossHead
 from .ops import Backend
-from .rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
 from .distributed_shard import ShardedRows, shard_pays
+from .rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
 from .system import RowSpaceSystem, Solution, build_system, row_jvp
 
 __all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "factor_bytes", "row_bytes", "sendable"]

@@ -5,6 +5,7 @@ takes its shard and computes the reference itself: the single-process result on 
 from __future__ import annotations
 
 import copy
+import warnings
 import zlib
 
 import torch
@@ -118,8 +119,6 @@ def bad_inputs(rank: int, world: int) -> dict:
     bad = shard(rank, world, x, y)[0].clone()
     if rank == 0:
         bad[:] = float("inf")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = opt.step(bad, yr)
