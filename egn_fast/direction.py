@@ -10,12 +10,14 @@ the same two calls the optimizers make.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .capture import Inputs
 from .checks import LossSpec, check_damping
+from .distributed import DataParallel, check_mode
 from .system import Solution, build_system
 
 __all__ = ["DirectionResult", "direction", "direction_with_info"]
@@ -43,11 +45,15 @@ def direction_with_info(
     solve_dtype: torch.dtype | None = None,
     seq_method: str = "auto",
     timings: bool = False,
+    process_group: Any = None,
+    distributed: str | None = None,
 ) -> DirectionResult:
     """Like `direction`, plus the loss, γ, jitter, gᵀd, dᵀHd, ‖d‖², the predicted decrease and
     (with timings=True) seconds per stage."""
     damping = check_damping(damping)  # before the model runs
-    system = build_system(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings)
+    mode = check_mode(process_group, distributed)
+    build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
+    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings)
     sol, d = system.solve_and_backproject(damping, solve_dtype)
     return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings)
 
@@ -62,6 +68,8 @@ def direction(
     backend: str = "auto",
     solve_dtype: torch.dtype | None = None,
     seq_method: str = "auto",
+    process_group: Any = None,
+    distributed: str | None = None,
 ) -> list[Tensor]:
     """The exact Levenberg–Marquardt / EGN direction d = −(H + λI)⁻¹g for one mini-batch.
 
@@ -73,7 +81,16 @@ def direction(
     output is (b, …), flattened to (b, c); targets as the loss expects (egn_fast.losses).
     Returns one tensor per trainable parameter, in model.parameters() order, with the
     parameter's shape, dtype and device: apply it as `p += lr * d`.
+
+    process_group: a torch.distributed group whose ranks each pass their own shard of the batch
+    (egn_fast.distributed); distributed="exact" (the default with a group) returns on every rank
+    the direction of the concatenated batch, "local" the mean of the per-rank directions.
     """
     return direction_with_info(
-        model, inputs, targets, loss=loss, damping=damping, backend=backend, solve_dtype=solve_dtype, seq_method=seq_method
+        model, inputs, targets, loss=loss, damping=damping, backend=backend, solve_dtype=solve_dtype, seq_method=seq_method,
+        process_group=process_group, distributed=distributed,
     ).direction
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .capture import Closure, Inputs, forward_of
 from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
 from .damping import AdaptiveDamping
+from .distributed import DataParallel, check_mode, unwrap
 from .errors import NonFiniteError, SolveError
 from .line_search import ArmijoLineSearch
 from .solve import dot
@@ -89,6 +90,10 @@ class EGN(torch.optim.Optimizer):
         skip_nonfinite: warn and skip (instead of raising) when the loss/Gram is non-finite or
             the solve fails.
         timings: record seconds per stage in StepInfo.timings.
+        process_group: a torch.distributed group: each rank steps on its own shard of the batch
+            (egn_fast.distributed); distributed: "exact" (default with a group: the direction of
+            the concatenated batch) | "local" (the mean of the per-rank directions). Decisions
+            (line search, damping) use the global loss, so every rank takes the same step.
         params: torch-style param groups (an iterable of parameters or of dicts with "params"
             and per-group "lr"/"weight_decay"); all must belong to `model`.
 
@@ -116,6 +121,8 @@ class EGN(torch.optim.Optimizer):
         skip_nonfinite: bool = False,
         timings: bool = False,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+        process_group: Any = None,
+        distributed: str | None = None,
     ) -> None:
         check_model(model)  # before model.parameters() below
         lr, damping, weight_decay = check_lr(lr), check_damping(damping), finite_nonnegative("weight_decay", weight_decay)
@@ -135,7 +142,11 @@ class EGN(torch.optim.Optimizer):
             raise ValueError(f"adaptive_damping must be a bool or an AdaptiveDamping, got {adaptive_damping!r}")
         super().__init__(model.parameters() if params is None else params, dict(lr=lr, weight_decay=weight_decay))
         check_params_in_model(model, [p for g in self.param_groups for p in g["params"]])
-        self.model = model
+        mode = check_mode(process_group, distributed)
+        self.data_parallel = None if mode is None else DataParallel(process_group, mode, self.param_groups[0]["params"][0].device)
+        if self.data_parallel is not None:
+            self.data_parallel.check_replicated(list(model.parameters()))
+        self.model = model if self.data_parallel is None else unwrap(model)
         self.loss_fn = resolve_loss(loss)
         self.momentum = momentum
         self.momentum_type = momentum_type
@@ -171,8 +182,9 @@ class EGN(torch.optim.Optimizer):
         """One EGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
         forward = forward_of(self.model, inputs, targets, closure)
         damping = self.egn_state["damping"]
+        build = build_system if self.data_parallel is None else self.data_parallel.build_system
         try:
-            system = build_system(
+            system = build(
                 self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn,
                 backend=self.backend, seq_method=self.seq_method, timings=self.timings,
             )
@@ -196,7 +208,7 @@ class EGN(torch.optim.Optimizer):
         steps = [lr * x for lr, x in zip(lrs, d_hat)]
         # a: s = a·d when there is no momentum and one lr; then the row-space by-products give
         # gᵀs, sᵀHs and ‖s‖² exactly without touching the model again
-        a = lrs[0] if d_hat is d and len(set(lrs)) == 1 else None
+        a = lrs[0] if d_hat is d and len(set(lrs)) == 1 and (self.data_parallel is None or self.data_parallel.exact) else None
         if self.max_step_norm is not None:
             norm = math.sqrt(dot(steps, steps))
             if norm > self.max_step_norm:
@@ -214,9 +226,10 @@ class EGN(torch.optim.Optimizer):
         if a is not None:
             g_dot_s, s_H_s, s_norm2 = a * sol.gtd, a * a * sol.dHd, a * a * sol.dnorm2
         else:
-            g = system.backproject(-system.w / system.b)  # backproject(γ) = −J̃ᵀγ, so g = (1/b)J̃ᵀw
-            g_dot_s, s_norm2 = dot(g, steps), dot(steps, steps)
-            s_H_s = _curvature(system, forward, steps) if self.adaptive_damping is not None else math.nan
+            g_dot_s, s_norm2 = dot(system.gradient(), steps), dot(steps, steps)
+            s_H_s = math.nan
+            if self.adaptive_damping is not None:
+                s_H_s = _curvature(system, forward, steps) if self.data_parallel is None else system.curvature(forward, steps)
         saved = [p.detach().clone() for p in params]
         t, loss_after, tries = self._search(forward, params, steps, saved, system.loss, g_dot_s)
         info.loss_after, info.line_search_tries = loss_after, tries
@@ -274,6 +287,8 @@ class EGN(torch.optim.Optimizer):
         self.egn_state["momentum_steps"] += 1
 
     def _loss_at(self, forward: Closure) -> float:
+        if self.data_parallel is not None:
+            return self.data_parallel.loss_at(self.loss_fn, forward)
         return float(self.loss_fn.batch_mean(*forward()))
 
     def _search(

@@ -124,6 +124,10 @@ class RowSpaceSystem:
                 out[id(p)] = d
         return [out[id(p)].to(p.dtype) if id(p) in out else torch.zeros_like(p) for p in self.params]
 
+    def gradient(self) -> list[Tensor]:
+        """g = (1/b)J̃ᵀw, the gradient of the batch-mean loss, shaped like `params`."""
+        return self.backproject(-self.w / self.b)  # backproject(γ) = −J̃ᵀγ
+
     def solve_and_backproject(self, damping: float, solve_dtype: torch.dtype | None = None) -> tuple[Solution, list[Tensor]]:
         """The LM direction d = −J̃ᵀ(K + bλI)⁻¹w for λ = damping, and its Solution (stages timed)."""
         with self.clock("solve"):
