@@ -140,10 +140,17 @@ class Capture:
         expanded = frozenset(
             j for j, q in enumerate(index) if self.expand.get((module, n, j)) == tuple(leaves[q].shape)
         )
-        if expanded:
+        if expanded or len(index) > 1:
             leaves = list(leaves)
-            for j in expanded:
-                leaves[index[j]] = expand_shared(leaves[index[j]], self.b)
+            for j, q in enumerate(index):
+                if j in expanded:
+                    leaves[q] = expand_shared(leaves[q], self.b)
+                elif len(index) > 1:
+                    # One output may be computed from another inside the module (LSTMCell's h' from
+                    # c'). The gradient of the output itself would then include that path, which
+                    # the rule's vjp through the module adds again: hand on an alias, whose
+                    # gradient holds only the uses after the module.
+                    leaves[q] = leaves[q].view_as(leaves[q])
             replaced = leaves[0] if spec is None else tree_unflatten(leaves, spec)
         if module in _COPY_IO:
             # The model modifies this module's input or output in place later on: keep pristine

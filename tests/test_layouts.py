@@ -200,3 +200,30 @@ def test_a_buffer_updated_by_the_forward_changes_once_per_step():
     start = model.table[0].clone()
     egn_fast.direction(model, torch.randint(0, 10, (4, 5)), torch.randint(0, 3, (4,)), loss="cross_entropy", damping=0.1)
     assert torch.equal(model.table[0], start + 1)
+
+
+class TwoOutputs(nn.Module):
+    """A custom module (generic rule) whose second output is computed from its first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(x * self.a)
+        return h, h * h
+
+
+class UsesBoth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.two, self.out = TwoOutputs(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, q = self.two(x)
+        return self.out(torch.cat([h, q], 1))
+
+
+def test_outputs_computed_from_one_another_are_not_counted_twice():
+    torch.manual_seed(70)
+    assert_exact(UsesBoth().double(), torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))

@@ -48,11 +48,9 @@ def _refuse(ctx: RuleContext, module: nn.Module, why: str) -> ValueError:
 
 
 def _cell(
-    mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w: dict[str, Tensor], key: str, hold_c: bool = False
+    mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w: dict[str, Tensor], key: str
 ) -> tuple[Tensor, Tensor | None]:
-    """One step for one sample: gi (gates·H,) the input projection, h (H_out,), c (H,) (LSTM only).
-    hold_c: h' is differentiated with c' held fixed (when the module's h' is computed from its
-    output c', the output-gradient of c' already carries the path through h')."""
+    """One step for one sample: gi (gates·H,) the input projection, h (H_out,), c (H,) (LSTM only)."""
     gh = h @ w["weight_hh" + key].T
     if "bias_hh" + key in w:
         gh = gh + w["bias_hh" + key]
@@ -68,7 +66,7 @@ def _cell(
         return (1 - z) * n + z * h, None
     i, f, g, o = (gi + gh).chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c.detach() if hold_c else c)
+    h = torch.sigmoid(o) * torch.tanh(c)
     if "weight_hr" + key in w:
         h = h @ w["weight_hr" + key].T
     return h, c
@@ -116,17 +114,18 @@ def _cell_mode(cell: nn.RNNCellBase) -> str:
 
 
 def run_cell(
-    cell: nn.RNNCellBase, w: dict[str, Tensor], x: Tensor, states: tuple[Tensor, ...], hold_c: bool = False
+    cell: nn.RNNCellBase, w: dict[str, Tensor], x: Tensor, states: tuple[Tensor, ...]
 ) -> tuple[Tensor, ...]:
     """The cell's forward for one sample: x (in,), states () for zeros, (h,) or (h, c), each (H,).
-    Returns (h',) or, for an LSTMCell, (h', c'); hold_c as in `_cell`."""
+    Returns (h',) or, for an LSTMCell, (h', c'). (An output computed from another, as the CPU
+    LSTMCell's h' from c', is fine: capture hands on aliases, so each gradient is its own.)"""
     mode = _cell_mode(cell)
     gi = x @ w["weight_ih"].T
     if "bias_ih" in w:
         gi = gi + w["bias_ih"]
     h = states[0] if states else x.new_zeros(cell.hidden_size)
     c = (states[1] if states else x.new_zeros(cell.hidden_size)) if mode == "LSTM" else None
-    h, c = _cell(mode, gi, h, c, w, "", hold_c)
+    h, c = _cell(mode, gi, h, c, w, "")
     return (h, c) if mode == "LSTM" else (h,)
 
 
@@ -142,10 +141,6 @@ def _sequence_layout(module: nn.RNNBase, call: ModuleCall, ctx: RuleContext) -> 
                       "padded tensor (nn.utils.rnn.pad_packed_sequence) and pick each sample's last step")
     if x.dim() != 3:
         raise _refuse(ctx, module, f"needs a batched input (3-D), got shape {tuple(x.shape)}")
-    if any(_reaches(z, other, call.inputs) for z in call.outputs for other in call.outputs if other is not z):
-        # each output's gradient would then carry the others' paths: the rows would count them twice
-        raise _refuse(ctx, module, "returns outputs computed from one another (output, h_n, c_n), which its "
-                      "rule does not separate; please report this configuration")
     states = () if hx is None else tuple(_batch_major(h, 1) for h in (hx if isinstance(hx, tuple) else (hx,)))
     batch_dim = 0 if module.batch_first else 1
     return _batch_major(x, batch_dim), states, (batch_dim, 1, 1), lambda w, x_i, s_i: run_recurrence(module, w, x_i, s_i)
@@ -156,26 +151,8 @@ def _cell_layout(cell: nn.RNNCellBase, call: ModuleCall, ctx: RuleContext) -> La
     x, hx = _arguments(call)
     if x.dim() != 2:
         raise _refuse(ctx, cell, f"needs a batched input (2-D), got shape {tuple(x.shape)}")
-    # An LSTMCell computed by composite ops (CPU) forms h' from c': hold c' for h' (see _cell).
-    hold_c = call.output_index == [0, 1] and _reaches(call.outputs[0], call.outputs[1], call.inputs)
     states = () if hx is None else (hx if isinstance(hx, tuple) else (hx,))
-    return x, states, (0, 0), lambda w, x_i, s_i: run_cell(cell, w, x_i, s_i, hold_c)
-
-
-def _reaches(z: Tensor, target: Tensor, inputs: list[Tensor]) -> bool:
-    """Whether z's autograd graph reaches the tensor `target` before the module's `inputs`."""
-    goal = (target.grad_fn, target.output_nr)
-    boundary = {t.grad_fn for t in inputs if t.grad_fn is not None}
-    stack, seen = [z.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in boundary:
-            continue
-        seen.add(node)
-        if goal in node.next_functions:
-            return True
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return False
+    return x, states, (0, 0), lambda w, x_i, s_i: run_cell(cell, w, x_i, s_i)
 
 
 def _recurrent_rows(
