@@ -63,15 +63,15 @@ def find_batch_dim(first: Tensor, last: Tensor, b: int) -> BatchDim | None:
     `last` = ∂(v·f_{b−1})/∂z (random v). None when no dimension separates the two samples
     (z is shared, or samples mix downstream of it)."""
     nz_first, nz_last = first != 0, last != 0
-    if not (nz_first.any() or nz_last.any()):
-        # neither probed sample's output depends on z at all (both fully masked or dead after a
-        # ReLU): the probe cannot tell; assume the usual leading batch dimension
-        return BatchDim(0) if first.dim() and first.shape[0] == b else None
-
     plain, folded = [], []
     for k, size in enumerate(first.shape):
         if size % b == 0:
             (plain if size == b else folded).append(k)
+    if not (nz_first.any() or nz_last.any()):
+        # Neither probed sample's output depends on z (a dead path: LayerNorm over one feature, all
+        # ReLUs off): nothing to read. Take the first dimension that can hold the samples; if z
+        # is dead for every sample its rows are zero whatever the choice.
+        return BatchDim(plain[0]) if plain else BatchDim(folded[0], first.shape[folded[0]] // b) if folded else None
     for k in plain + folded:
         fold = first.shape[k] // b
         i0, i1 = _sample_indices(nz_first, k), _sample_indices(nz_last, k)

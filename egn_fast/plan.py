@@ -48,20 +48,11 @@ def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[l
                 "statistics, which mixes samples, so per-sample Jacobians are undefined: call "
                 "model.eval() for that module (running statistics) or use GroupNorm/LayerNorm"
             )
+        # before the forward, which would rescale the weight (a parameter) in place
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
             raise ValueError(
                 f"module {name!r} ({type(m).__name__} with max_norm) rescales its weight in place during "
                 "forward; egn_fast leaves the model untouched, so max_norm is not supported"
-            )
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
-            raise ValueError(
-                f"module {name!r} ({type(m).__name__} with scale_grad_by_freq=True) scales its gradient by "
-                "token counts over the whole batch, which mixes samples: set scale_grad_by_freq=False"
-            )
-        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
-            raise ValueError(
-                f"module {name!r} ({type(m).__name__}) updates its running statistics in train mode; "
-                "egn_fast leaves the model untouched: call .eval() on it or set track_running_stats=False"
             )
     if only is not None:
         missing = only - {id(p) for _, m in modules for p in m._parameters.values() if p is not None}
@@ -93,14 +84,16 @@ class Plan:
     module, per call, the batch layout of each recorded output; in_dims: per generic module, per
     call, the batch layout of each tensor among its arguments (None: the same for every sample).
     shared: outputs found shared by all samples in this capture, to be expanded (then the plan is
-    made again from a capture that expands them).
+    made again from a capture that expands them). guessed: some output did not move either probed
+    sample's output (its layout is a guess), so the plan is not cached.
     """
 
     specific: list[tuple[str, nn.Module, Rule]]
     generic: list[tuple[str, nn.Module, dict[str, nn.Parameter]]]
     layouts: dict[nn.Module, list[list[BatchDim]]] = field(default_factory=dict)
-    in_dims: dict[nn.Module, list[tuple[BatchDim | None, ...]]] = field(default_factory=dict)
+    in_dims: dict[nn.Module, list[tuple[BatchDim | None, ...] | None]] = field(default_factory=dict)
     shared: dict[OutputKey, tuple] = field(default_factory=dict)
+    guessed: bool = False  # some layout could not be read (a dead path): probe again next time
 
     def modules(self) -> list[nn.Module]:
         return [m for _, m, _ in self.specific] + [m for _, m, _ in self.generic]
@@ -128,9 +121,27 @@ def _call_pattern(capture: Capture) -> tuple:
     )
 
 
+def _check_called(capture: Capture, names: dict[nn.Module, str]) -> None:
+    """Refuse the modules that ran in this forward in a way no rule can follow (checked every step:
+    a module's mode or options can change between steps with the same calls)."""
+    for m in capture.calls:
+        name = names.get(m, "")
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__} with scale_grad_by_freq=True) scales its gradient by "
+                "token counts over the whole batch, which mixes samples: set scale_grad_by_freq=False"
+            )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) updates its running statistics in train mode; "
+                "egn_fast leaves the model untouched: call .eval() on it or set track_running_stats=False"
+            )
+
+
 def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[int]) -> Plan:
     """The cached plan for this call pattern, or a new one (one walk of the autograd graph, one
     probe backward and, for generic modules with ambiguous arguments, trial per-sample forwards)."""
+    _check_called(capture, {m: n for n, m in model.named_modules()})
     specific = _specific_modules(model, capture, trainable)
     reached = params_reached_outside(f_flat, [c for _, m, _ in specific for c in capture.calls[m]])
     key = (_call_pattern(capture), tuple(sorted(trainable)), frozenset(reached), registry_version())
@@ -139,7 +150,7 @@ def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[
     # ids can be reused by a module that replaced a freed one: the plan must name these modules
     if plan is None or not all(m in capture.calls for m in plan.modules()):
         plan = _make_plan(model, capture, f_flat, trainable, specific, reached)
-        if not plan.shared:
+        if not plan.shared and not plan.guessed:
             cache[key] = plan
     return plan
 
@@ -219,6 +230,8 @@ def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, 
     grads = probe_grads(f_flat, zs + args) if zs + args else []
     found = [BatchDim(0) if g is None else find_batch_dim(*g, b) for g in grads]
     layout_of = {id(x): d for x, d in zip(zs + args, found)}
+    dead = {id(z) for z, g in zip(zs, grads) if g is not None and not (g[0].any() or g[1].any())}
+    plan.guessed = bool(dead)
     for m, n, c in calls:
         per_call = plan.layouts.setdefault(m, [])
         per_call.append([layout_of[id(z)] or BatchDim(0) for z in c.outputs])
@@ -229,13 +242,13 @@ def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, 
                 plan.shared[(m, n, q)] = tuple(z.shape)
     if plan.shared:
         return
-    reaching = {id(z) for z, g in zip(zs, grads) if g is not None}
+    reaching = {id(z) for z, g in zip(zs, grads) if g is not None and id(z) not in dead}
     for _, m, ps in plan.generic:
         plan.in_dims[m] = []
         for n, c in enumerate(capture.calls[m]):
             c.layouts = list(plan.layouts[m][n])
-            if not any(id(z) in reaching for z in c.outputs):  # the rule skips this call
-                plan.in_dims[m].append((None,) * len(c.inputs))
+            if not any(id(z) in reaching for z in c.outputs):  # no output moves the probed samples
+                plan.in_dims[m].append(None)
                 continue
             probed = [layout_of.get(id(x)) for x in c.inputs]
             with parametrizations_in_eval([m]):  # its trial forwards must not iterate spectral_norm again

@@ -11,7 +11,9 @@
 - "changed": the call left the model's parameters, buffers, .grad or modes different from what
   one plain forward leaves (a plain forward may itself update buffers: spectral_norm's u/v).
 
-For a model that mixes samples (case.must_refuse) only "refused" is correct.
+For a model that mixes samples (case.must_refuse) "refused" is expected; "exact" is correct too
+when the mixing does not reach the Jacobian (e.g. it acts on frozen features, or the mixing
+embedding is frozen): the dense oracle, which differentiates the mixing model as it is, agrees.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class Outcome:
     message: str = ""  # the exception (type: message, raising frame) or what differs
 
     def ok(self, must_refuse: bool) -> bool:
-        return self.kind == "refused" if must_refuse else self.kind in ("exact", "refused")
+        # must_refuse only decides what a failure report says it expected (see the module docstring)
+        return self.kind in ("exact", "refused")
 
 
 def state_of(model: nn.Module) -> dict[str, object]:

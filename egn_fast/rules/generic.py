@@ -136,18 +136,25 @@ def generic_factors(
     calls: list[ModuleCall],
     ctx: RuleContext,
     params: dict[str, nn.Parameter],
-    in_dims: list[tuple[BatchDim | None, ...]],
+    in_dims: list[tuple[BatchDim | None, ...] | None],
 ) -> PerSampleFactors | None:
     """Per-sample gradients of `module`'s outputs w.r.t. `params` (names relative to `module`),
     contracted with the recorded output-gradients: P_ik = Σ_calls ∂(G_ik · z_i)/∂θ, by torch.func
     (vjp per sample, vmapped over the batch and the s cotangents). Other parameters are constants.
-    in_dims: per call, the batch layout of each tensor argument (`generic_in_dims`)."""
+    in_dims: per call, the batch layout of each tensor argument (`generic_in_dims`), or None for a
+    call whose outputs did not reach the probed samples (then its gradients must be zero)."""
     b, s = ctx.b, ctx.s
     theta = {n: p.detach() for n, p in params.items()}
     total: dict[str, Tensor] = {}
     for call, dims in zip(calls, in_dims):
-        if not any(g is not None for g in call.grads):
-            continue
+        if all(g is None or not g.any() for g in call.grads):
+            continue  # no row of this call is non-zero
+        if dims is None:
+            raise ValueError(
+                f"module {ctx.name!r} ({type(module).__name__}): its outputs did not move the probed samples' "
+                "outputs when the plan was made, but carry gradient now; egn_fast cannot tell where its "
+                "samples lie (please report this model)"
+            )
         want = _recorded(call, b)
         cot = tuple(g if g is not None else torch.zeros(b, s, *z.shape[1:], dtype=z.dtype, device=z.device) for g, z in zip(call.grads, want))
         xs, outputs = _per_sample_forward(module, call, dims, b)
