@@ -8,7 +8,7 @@ from torch import nn
 
 from ..capture import ModuleCall
 from .factors import PerSampleFactors
-from .norms import _norm_factors
+from .norms import norm_factors
 from .registry import RuleContext, register_rule
 
 __all__ = ["prelu_factors"]
@@ -17,4 +17,4 @@ __all__ = ["prelu_factors"]
 @register_rule(nn.PReLU)
 def prelu_factors(module: nn.PReLU, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
     """x (b, C, *spatial) or (b, C), slope a (1,) or (C,) over channel dim 1: rows P (b, s, *a.shape)."""
-    return _norm_factors(module, calls, ctx, lambda x: x.clamp(max=0), 1)
+    return norm_factors(module, calls, ctx, lambda x: x.clamp(max=0), 1)

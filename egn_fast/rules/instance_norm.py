@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import PerSampleFactors
-from .norms import _norm_factors
+from .norms import norm_factors
 from .registry import RuleContext, register_rule
 
 __all__ = ["instancenorm_factors"]
@@ -25,4 +25,4 @@ def instancenorm_factors(module: nn.modules.instancenorm._InstanceNorm, calls: l
         running = (None, None) if use_input_stats else (module.running_mean, module.running_var)
         return F.instance_norm(x, *running, use_input_stats=use_input_stats, eps=module.eps)
 
-    return _norm_factors(module, calls, ctx, normalize, 1)
+    return norm_factors(module, calls, ctx, normalize, 1)

@@ -14,10 +14,10 @@ from ..capture import ModuleCall
 from .factors import PerSampleFactors
 from .registry import RuleContext, first_input, register_rule, used_calls
 
-__all__ = ["layernorm_factors", "rmsnorm_factors", "groupnorm_factors", "batchnorm_factors"]
+__all__ = ["norm_factors", "layernorm_factors", "rmsnorm_factors", "groupnorm_factors", "batchnorm_factors"]
 
 
-def _norm_factors(
+def norm_factors(
     module: nn.Module, calls: list[ModuleCall], ctx: RuleContext, normalize: Callable[[Tensor], Tensor], channel_dim: int
 ) -> PerSampleFactors | None:
     """Per-sample rows P_weight (b, s, *weight.shape) = Σ G∘x̂ and P_bias = Σ G.
@@ -52,17 +52,17 @@ def _norm_factors(
 
 @register_rule(nn.LayerNorm)
 def layernorm_factors(module: nn.LayerNorm, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
-    return _norm_factors(module, calls, ctx, lambda x: F.layer_norm(x, module.normalized_shape, eps=module.eps), -1)
+    return norm_factors(module, calls, ctx, lambda x: F.layer_norm(x, module.normalized_shape, eps=module.eps), -1)
 
 
 @register_rule(nn.RMSNorm)
 def rmsnorm_factors(module: nn.RMSNorm, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
-    return _norm_factors(module, calls, ctx, lambda x: F.rms_norm(x, module.normalized_shape, eps=module.eps), -1)
+    return norm_factors(module, calls, ctx, lambda x: F.rms_norm(x, module.normalized_shape, eps=module.eps), -1)
 
 
 @register_rule(nn.GroupNorm)
 def groupnorm_factors(module: nn.GroupNorm, calls: list[ModuleCall], ctx: RuleContext) -> PerSampleFactors | None:
-    return _norm_factors(module, calls, ctx, lambda x: F.group_norm(x, module.num_groups, eps=module.eps), 1)
+    return norm_factors(module, calls, ctx, lambda x: F.group_norm(x, module.num_groups, eps=module.eps), 1)
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -73,4 +73,4 @@ def batchnorm_factors(module: nn.modules.batchnorm._BatchNorm, calls: list[Modul
         view = (1, -1) + (1,) * (x.dim() - 2)
         return (x - module.running_mean.view(view)) * torch.rsqrt(module.running_var.view(view) + module.eps)
 
-    return _norm_factors(module, calls, ctx, normalize, 1)
+    return norm_factors(module, calls, ctx, normalize, 1)

@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from ..capture import ModuleCall
