@@ -82,7 +82,7 @@ class ModuleCall:
     outputs: list[Tensor]
     output_index: list[int]
     expanded: frozenset[int] = frozenset()
-    layouts: list[BatchDim] = field(default_factory=list)
+    layouts: list[BatchDim] = field(init=False)
     grads: list[Tensor | None] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 

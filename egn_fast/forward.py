@@ -75,7 +75,6 @@ def capture_planned(
     layouts applied to the calls. batch_size: b when known before the forward (the targets'),
     else the last plan's is assumed for shared tensors and checked. `state` (taken before the
     first forward) is restored before every re-run, so the model's own forward takes effect once."""
-    names = {m: n for n, m in model.named_modules()}
     b_shared, expand = _SHARED.get(model, (0, {}))
     b_shared = batch_size or b_shared  # which outputs are shared does not depend on b
     newest: dict[OutputKey, tuple] = {}  # the expansion this attempt tries for the first time
@@ -90,7 +89,7 @@ def capture_planned(
                 f_flat = per_sample_outputs(out)  # a tensor (b, …), b ≥ 1, flattened to (b, c)
         except Exception as err:
             if newest:
-                raise mixing_error(names, next(iter(newest))) from err
+                raise mixing_error(_names(model), next(iter(newest))) from err
             if not expand:
                 raise
             expand = {}  # expansions made for another batch size broke the forward: plan afresh
@@ -102,11 +101,11 @@ def capture_planned(
                 expand = {}  # made for another batch size
                 continue
         if newest and not _unchanged(reference, f_flat):
-            raise mixing_error(names, next(iter(newest)))
+            raise mixing_error(_names(model), next(iter(newest)))
         plan = plan_for(model, capture, f_flat, trainable)
         if plan.shared:
             if newest:  # already expanded once and still not per-sample
-                raise mixing_error(names, next(iter(plan.shared)))
+                raise mixing_error(_names(model), next(iter(plan.shared)))
             reference, newest = f_flat.detach(), plan.shared
             expand, b_shared = {**expand, **plan.shared}, b
             continue
@@ -119,6 +118,10 @@ def capture_planned(
         plan.apply(capture)
         return capture, f_flat, targets, plan
     raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
+
+
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
 
 
 def _target_batch(targets: object) -> int | None:

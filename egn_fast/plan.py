@@ -95,11 +95,11 @@ class Plan:
     shared: dict[OutputKey, tuple] = field(default_factory=dict)
     guessed: bool = False  # some layout could not be read (a dead path): probe again next time
 
-    def modules(self) -> list[nn.Module]:
-        return [m for _, m, _ in self.specific] + [m for _, m, _ in self.generic]
-
     def named_modules(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m, _ in self.specific] + [(n, m) for n, m, _ in self.generic]
+
+    def modules(self) -> list[nn.Module]:
+        return [m for _, m in self.named_modules()]
 
     def apply(self, capture: Capture) -> None:
         """Give every planned call its outputs' batch layouts."""
@@ -141,28 +141,33 @@ def _check_called(capture: Capture, names: dict[nn.Module, str]) -> None:
 def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[int]) -> Plan:
     """The cached plan for this call pattern, or a new one (one walk of the autograd graph, one
     probe backward and, for generic modules with ambiguous arguments, trial per-sample forwards)."""
-    _check_called(capture, {m: n for n, m in model.named_modules()})
-    specific = _specific_modules(model, capture, trainable)
+    names = {m: n for n, m in model.named_modules()}
+    _check_called(capture, names)
+    specific, covered = _specific_modules(capture, trainable, names)
     reached = params_reached_outside(f_flat, [c for _, m, _ in specific for c in capture.calls[m]])
     key = (_call_pattern(capture), tuple(sorted(trainable)), frozenset(reached), registry_version())
     cache = _PLANS.setdefault(model, {})
     plan = cache.get(key)
     # ids can be reused by a module that replaced a freed one: the plan must name these modules
     if plan is None or not all(m in capture.calls for m in plan.modules()):
-        plan = _make_plan(model, capture, f_flat, trainable, specific, reached)
+        plan = _make_plan(model, capture, f_flat, trainable, names, specific, covered, reached)
         if not plan.shared and not plan.guessed:
             cache[key] = plan
     return plan
 
 
-def _specific_modules(model: nn.Module, capture: Capture, trainable: set[int]) -> list[tuple[str, nn.Module, Rule]]:
-    names = {m: n for n, m in model.named_modules()}
-    specific = []
+def _specific_modules(
+    capture: Capture, trainable: set[int], names: dict[nn.Module, str]
+) -> tuple[list[tuple[str, nn.Module, Rule]], set[int]]:
+    """(name, module, rule) for the called modules a registered rule covers, and the ids of the
+    trainable parameters those rules cover."""
+    specific, covered = [], set()
     for m in capture.calls:
         rule, own = planned_rule(m, trainable)  # a parametrized module's rule covers its originals too
         if rule is not None and own:
             specific.append((names[m], m, rule))
-    return specific
+            covered.update(id(p) for p in own)
+    return specific, covered
 
 
 def mixing_error(names: dict[nn.Module, str], key: OutputKey) -> ValueError:
@@ -181,7 +186,9 @@ def _make_plan(
     capture: Capture,
     f_flat: Tensor,
     trainable: set[int],
+    names: dict[nn.Module, str],
     specific: list[tuple[str, nn.Module, Rule]],
+    covered: set[int],
     reached: set[int],
 ) -> Plan:
     """Assign every trainable parameter that reaches the loss to a rule, then probe the layouts.
@@ -191,12 +198,10 @@ def _make_plan(
     of modules that were never called themselves) goes to the generic rule of the innermost
     called module that contains its owner.
     """
-    names = {m: n for n, m in model.named_modules()}
     parents: dict[nn.Module, nn.Module] = {}
     for m in model.modules():
         for child in m.children():
             parents.setdefault(child, m)
-    covered = {id(p) for _, m, _ in specific for p in planned_rule(m, trainable)[1]}
     parametrizing = parametrization_modules(model)
     generic: dict[nn.Module, dict[str, nn.Parameter]] = {}
     for owner in model.modules():
