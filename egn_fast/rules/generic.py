@@ -23,7 +23,7 @@ from ..layout import BatchDim, to_batch_first
 from .factors import PerSampleFactors
 from .registry import RuleContext
 
-__all__ = ["generic_factors", "generic_in_dims"]
+__all__ = ["generic_factors", "generic_in_dims", "per_sample_vjp"]
 
 # At most this many assignments of batch dimensions to ambiguous arguments are tried.
 _MAX_TRIALS = 64
@@ -56,6 +56,21 @@ def _per_sample_forward(
         return tuple(_sample_of_output(out[q], layouts[j], j in expanded) for j, q in enumerate(index))
 
     return tuple(to_batch_first(leaves[q], d, b) for q, d in batched), outputs
+
+
+def per_sample_vjp(
+    outputs: Callable[[dict, Any], tuple[Tensor, ...]], theta: dict[str, Tensor], xs: Any, cot: tuple[Tensor, ...]
+) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+    """Rows and outputs of a per-sample function: outputs(θ, xs_i) -> sample i's outputs, xs with
+    the samples on dimension 0, cot the output-gradients (b, s, …). Returns ({name: (b, s,
+    *θ[name].shape)}, the per-sample outputs stacked (b, …)), one vjp per sample vmapped over the
+    batch and the s cotangents; the outputs come free with the vjp (for reproduction checks)."""
+
+    def one_sample(xs_i: Any, cot_i: tuple[Tensor, ...]) -> tuple[dict, tuple[Tensor, ...]]:
+        out, vjp_fn = torch.func.vjp(lambda th: outputs(th, xs_i), theta)
+        return torch.func.vmap(vjp_fn)(cot_i)[0], out
+
+    return torch.func.vmap(one_sample)(xs, cot)
 
 
 def _recorded(call: ModuleCall, b: int) -> tuple[Tensor, ...]:
@@ -158,13 +173,8 @@ def generic_factors(
         want = _recorded(call, b)
         cot = tuple(g if g is not None else torch.zeros(b, s, *z.shape[1:], dtype=z.dtype, device=z.device) for g, z in zip(call.grads, want))
         xs, outputs = _per_sample_forward(module, call, dims, b)
-
-        def one_sample(xs_i: tuple, cot_i: tuple) -> tuple[dict, Any]:
-            out, vjp_fn = torch.func.vjp(lambda th: outputs(th, xs_i), theta)
-            return torch.func.vmap(vjp_fn)(cot_i)[0], out
-
         try:
-            grads, got = torch.func.vmap(one_sample)(xs, cot)
+            grads, got = per_sample_vjp(outputs, theta, xs, cot)
         except RuntimeError as err:
             raise _rerun_error(ctx.name, module, err) from err
         if not _reproduces(got, want):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import PerSampleFactors
+from .generic import per_sample_vjp
 from .registry import RuleContext, register_rule
 
 __all__ = ["recurrent_factors", "cell_factors", "run_recurrence", "run_cell"]
@@ -158,36 +159,36 @@ def _cell_layout(cell: nn.RNNCellBase, call: ModuleCall, ctx: RuleContext) -> La
 def _recurrent_rows(
     module: nn.Module, calls: list[ModuleCall], ctx: RuleContext, layout: Callable[[nn.Module, ModuleCall, RuleContext], Layout]
 ) -> PerSampleFactors | None:
-    """Rows P (b, s, *param.shape) for the trainable weights: vjp per sample of the outputs that
-    reach the loss with their recorded output-gradients, vmapped over b and s."""
+    """Rows P (b, s, *param.shape) for the trainable weights: vjp per sample of the recorded outputs
+    with their output-gradients (zeros for an output that does not reach the loss), vmapped over
+    b and s; the re-implementation must reproduce the recorded outputs."""
     weights = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
     trainable = {n: w for n, w in weights.items() if ctx.trainable(getattr(module, n)) is not None}
     if not trainable:
         return None
     total: dict[str, Tensor] = {}
     for call in calls:
-        used = [(q, G) for q, G in zip(call.output_index, call.grads) if G is not None]
-        if not used:
+        if all(G is None for G in call.grads):
             continue
         x, states, batch_dims, forward = layout(module, call, ctx)
         x, states = x.detach(), tuple(h.detach() for h in states)
         if x.shape[0] != ctx.b:
             raise _refuse(ctx, module, f"received an input of shape {tuple(x.shape)} that does not hold the {ctx.b} samples")
-        out = torch.func.vmap(lambda x_i, s_i: forward(weights, x_i, s_i))(x, states)
-        for q, z in zip(call.output_index, call.outputs):
-            _check_reproduces(module, ctx, q, out[q], _batch_major(z.detach(), batch_dims[q]))
-        cot = tuple(G for _, G in used)  # (b, s, …): capture moved the samples first
-        index = [q for q, _ in used]
+        # every recorded output batch-first by the module's layout (also those that do not reach the
+        # loss, whose probed layout is unknown); capture laid out the gradients alike (b, s, …)
+        index = call.output_index
+        recorded = [_batch_major(z.detach(), batch_dims[q]) for q, z in zip(index, call.outputs)]
+        cot = tuple(
+            G if G is not None else z.new_zeros(ctx.b, ctx.s, *z.shape[1:]) for G, z in zip(call.grads, recorded)
+        )
 
-        def one_sample(x_i: Tensor, states_i: tuple[Tensor, ...], cot_i: tuple[Tensor, ...]) -> dict[str, Tensor]:
-            def outputs(th: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                out_i = forward({**weights, **th}, x_i, states_i)
-                return tuple(out_i[q] for q in index)
+        def outputs(th: dict[str, Tensor], xs_i: tuple[Tensor, tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+            out_i = forward({**weights, **th}, *xs_i)
+            return tuple(out_i[q] for q in index)
 
-            _, vjp_fn = torch.func.vjp(outputs, trainable)
-            return torch.func.vmap(vjp_fn)(cot_i)[0]
-
-        grads = torch.func.vmap(one_sample)(x, states, cot)
+        grads, reproduced = per_sample_vjp(outputs, trainable, (x, states), cot)
+        for q, got, want in zip(index, reproduced, recorded):
+            _check_reproduces(module, ctx, q, got, want)
         for n, g in grads.items():
             total[n] = total[n] + g if n in total else g
     if not total:
