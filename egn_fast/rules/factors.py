@@ -49,6 +49,11 @@ class Factors:
         """Rows of J̃_l per parameter: (b, s, *param.shape), in `dtype`."""
         raise NotImplementedError
 
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        """J̃_l v for v one tensor per parameter of `params` (their shapes): (b, s) in `dtype`.
+        The adjoint of `backproject`; Monte-Carlo rows need it for J̃g (egn_fast.system)."""
+        raise NotImplementedError(f"{type(self).__name__} has no project(v) (J̃v), which curvature='mc' needs")
+
 
 @lru_cache(maxsize=4096)
 def choose_seq_method(b: int, s: int, T: int, n_in: int, n_out: int) -> str:
@@ -70,7 +75,8 @@ class SeqFactors(Factors):
     """Linear / convolution factors, one (A, G) pair per group (a grouped convolution has several).
 
     A: (b, T, in_g) inputs (unfolded patches for a convolution), G: (b, s, T, out_g).
-    T = 1 is the dense case. weight (out, in_g·groups…) / bias (out,) are None when held fixed.
+    T = 1 is the dense case. weight (out, in_g·groups…) / bias (out,) are None when held fixed;
+    transposed: the weight is stored (in, out) (Hugging Face's Conv1D: y = x W + b; one group).
     seq_method: "auto" (cost model per layer) | "ghost" | "per_sample".
     """
 
@@ -80,10 +86,18 @@ class SeqFactors(Factors):
         bias: nn.Parameter | None,
         groups: list[tuple[Tensor, Tensor]],
         seq_method: str = "auto",
+        transposed: bool = False,
     ):
+        if transposed and len(groups) != 1:
+            raise ValueError("a transposed weight has one group")
         self.weight, self.bias, self.groups = weight, bias, groups
         self.params = [p for p in (weight, bias) if p is not None]
         self.seq_method = seq_method
+        self.transposed = transposed
+
+    def _weight_view(self, dW: Tensor) -> Tensor:
+        """(out, in_g·groups…) rows of the weight -> the weight's own shape."""
+        return dW.T if self.transposed else dW.view(self.weight.shape)
 
     def method(self) -> str:
         """"dense" (T = 1), "ghost" or "per_sample"."""
@@ -116,17 +130,34 @@ class SeqFactors(Factors):
         parts = [backend.backproject(A, G, u, self.bias is not None) for A, G in self.groups]
         out = []
         if self.weight is not None:
-            out.append(concat([dW for dW, _ in parts], 0).view(self.weight.shape))
+            out.append(self._weight_view(concat([dW for dW, _ in parts], 0)))
         if self.bias is not None:
             out.append(concat([db for _, db in parts], 0))
         return out
+
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        vs = iter(v)
+        dW = next(vs) if self.weight is not None else None
+        db = next(vs) if self.bias is not None else None
+        if dW is not None:
+            dW = dW.T if self.transposed else dW.reshape(dW.shape[0], -1)
+        total = 0
+        for i, (A, G) in enumerate(self.groups):
+            n_out = G.shape[3]
+            rows = slice(i * n_out, (i + 1) * n_out)
+            db_g = None if db is None else db[rows]
+            if dW is None:  # bias only: (J̃v)_ik = Σ_t G_ik,t · db
+                total = total + G.to(dtype).sum(2) @ db_g.to(dtype)
+            else:
+                total = total + backend.project(A, G, dW[rows], db_g, dtype)
+        return total
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         b, s = self.groups[0][1].shape[:2]
         out = []
         if self.weight is not None:
             P = concat([backend.per_sample_seq(A, G, dtype).flatten(3) for A, G in self.groups], 2)
-            out.append(P.view(b, s, *self.weight.shape))
+            out.append(P.transpose(2, 3) if self.transposed else P.view(b, s, *self.weight.shape))
         if self.bias is not None:
             out.append(concat([G.to(dtype).sum(2) for _, G in self.groups], 2))
         return out
@@ -149,6 +180,9 @@ class EmbeddingFactors(Factors):
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [backend.per_sample_embedding(self.tokens, self.G, self.weight.shape[0], dtype)]
 
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        return backend.project_embedding(self.tokens, self.G, v[0], dtype)
+
 
 class PerSampleFactors(Factors):
     """Per-sample gradient rows: P[q] (b, s, *params[q].shape) for each parameter params[q]."""
@@ -164,6 +198,9 @@ class PerSampleFactors(Factors):
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [P.to(dtype) for P in self.P]
+
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        return sum(backend.project_per_sample(P, x, dtype) for P, x in zip(self.P, v))
 
 
 def merge_shared(factors: list[Factors], backend: Backend, dtype: torch.dtype) -> list[Factors]:
