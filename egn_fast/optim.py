@@ -338,5 +338,11 @@ class EGN(torch.optim.Optimizer):
 
 def _curvature(system: RowSpaceSystem, forward: Closure, steps: list[Tensor]) -> float:
     """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² = ‖J̃s‖²/b at the current parameters (steps ordered like
-    system.params); J̃s by `row_jvp` (two reverse passes, any closure)."""
-    return float(row_jvp(system, forward, steps).double().pow(2).sum()) / system.b
+    system.params); J̃s from the layer factors, or by `row_jvp` (two reverse passes through the
+    model: no double backward through e.g. CPU attention kernels) for custom factors without
+    `project` (the same number)."""
+    try:
+        rows = system.project(steps)
+    except NotImplementedError:
+        rows = row_jvp(system, forward, steps)
+    return float(rows.double().pow(2).sum()) / system.b

@@ -21,7 +21,7 @@ from .ops import Backend
 from .rules import Factors
 from .solve import EigenSolver, damped_solve
 
-__all__ = ["Solution", "RowSpaceSystem", "WoodburySystem"]
+__all__ = ["Solution", "RowSpaceSystem", "WoodburySystem", "project"]
 
 
 @dataclass
@@ -119,6 +119,11 @@ class RowSpaceSystem:
                 out[id(p)] = d
         return [out[id(p)].to(p.dtype) if id(p) in out else torch.zeros_like(p) for p in self.params]
 
+    def project(self, v: list[Tensor]) -> Tensor:
+        """J̃v (b, s) in the Gram's dtype for v shaped like `params`, from the layer factors (no
+        model run): sᵀHs = ‖J̃s‖²/b. Custom Factors without `project` raise NotImplementedError."""
+        return project(self.factors, self.params, v, self.backend, self.w.dtype, (self.b, self.s))
+
     def gradient(self) -> list[Tensor]:
         """g = (1/b)J̃ᵀw, the gradient of the batch-mean loss, shaped like `params`."""
         return self.backproject(-self.w / self.b)  # backproject(γ) = −J̃ᵀγ
@@ -179,3 +184,14 @@ class WoodburySystem(RowSpaceSystem):
 
     def gradient(self) -> list[Tensor]:
         return [g.clone() for g in self.grad]
+
+
+def project(
+    factors: list[Factors], params: list[nn.Parameter], v: list[Tensor], ops: Backend, dtype: torch.dtype, shape: tuple[int, int]
+) -> Tensor:
+    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors."""
+    by_id = {id(p): x for p, x in zip(params, v)}
+    z = torch.zeros(shape, dtype=dtype, device=v[0].device if v else None)
+    for f in factors:
+        z += f.project([by_id[id(p)] for p in f.params], ops, dtype)
+    return z

@@ -27,11 +27,11 @@ from .curvature import check_curvature, rows_for
 from .ops import Backend, get_backend
 from .forward import capture_planned, undone_on_error
 from .plan import Plan, check_inputs, collect_trainable
-from .row_space import RowSpaceSystem, Solution, WoodburySystem
+from .row_space import RowSpaceSystem, Solution, WoodburySystem, project
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .rules.parametrized import reevaluated_parametrizations
 
-__all__ = ["Solution", "RowSpaceSystem", "WoodburySystem", "build_system", "layer_factors", "row_jvp", "row_jvp_fn"]
+__all__ = ["Solution", "RowSpaceSystem", "WoodburySystem", "build_system", "layer_factors", "project", "row_jvp", "row_jvp_fn"]
 
 
 def build_system(
@@ -136,15 +136,6 @@ def _gradient(f_flat: Tensor, cotangent: Tensor, params: list[nn.Parameter]) -> 
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
 
-def project(
-    factors: list[Factors], params: list[nn.Parameter], v: list[Tensor], ops: Backend, dtype: torch.dtype, shape: tuple[int, int]
-) -> Tensor:
-    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors."""
-    by_id = {id(p): x for p, x in zip(params, v)}
-    z = torch.zeros(shape, dtype=dtype, device=v[0].device if v else None)
-    for f in factors:
-        z += f.project([by_id[id(p)] for p in f.params], ops, dtype)
-    return z
 
 
 def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) -> list[Factors]:

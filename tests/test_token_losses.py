@@ -229,3 +229,15 @@ def test_refuses_classes_not_last_and_all_ignored():
 def test_row_space_guard_names_mc():
     with pytest.warns(RuntimeWarning, match="curvature='mc'"):
         check_row_space(12_000, 1, torch.float32, torch.device("cpu"))
+
+
+def test_optimizer_mc_with_momentum_and_adaptive_damping():
+    """s is not a multiple of d (momentum), so ρ needs sᵀĤs: from the layer factors (no double
+    backward through the attention kernel). The prediction equals the dense ½sᵀĤs + gᵀs."""
+    torch.manual_seed(0)
+    model = randomize(TinyGPT(V, 8, 1, 2, T), 2)
+    opt = egn_fast.EGN(model, loss="cross_entropy", curvature="mc", mc_samples=2, damping=1.0, momentum=0.9,
+                       adaptive_damping=True, lr=0.5)
+    infos = [opt.step(*token_data(8, T, V, s)) for s in range(4)]
+    assert all(i.rho is not None and torch.isfinite(torch.tensor(i.rho)) for i in infos)
+    assert len({i.damping for i in infos}) > 1  # ρ moved λ

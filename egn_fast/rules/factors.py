@@ -98,6 +98,13 @@ class SeqFactors(Factors):
         self.seq_method = seq_method
         self.transposed = transposed
         self.rows: list[Tensor] | None = None  # per group P (b, s, out_g, in_g), kept by add_gram
+        self._bias_rows: list[Tensor] | None = None
+
+    def bias_rows(self) -> list[Tensor]:
+        """Per group Σ_t G (b, s, out_g): the bias's per-sample rows (computed once)."""
+        if self._bias_rows is None:
+            self._bias_rows = [G.sum(2) for _, G in self.groups]
+        return self._bias_rows
     def _weight_view(self, dW: Tensor) -> Tensor:
         """(out, in_g·groups…) rows of the weight -> the weight's own shape."""
         return dW.T if self.transposed else dW.view(self.weight.shape)
@@ -116,9 +123,9 @@ class SeqFactors(Factors):
         method = self.method()
         has_bias = self.bias is not None
         rows = []
-        for A, G in self.groups:
+        for (A, G), G_sum in zip(self.groups, self.bias_rows()):
             if self.weight is None:
-                backend.gram_per_sample(K, G.sum(2))
+                backend.gram_per_sample(K, G_sum)
             elif method == "dense":
                 backend.gram_dense(K, A[:, 0], G[:, :, 0], has_bias)
             elif method == "ghost":
@@ -129,7 +136,7 @@ class SeqFactors(Factors):
                 if P.numel() <= _KEEP_ROWS_FACTOR * (A.numel() + G.numel()):
                     rows.append(P)
                 if has_bias:  # a Gram of its own: cheaper than concatenating to P
-                    backend.gram_per_sample(K, G.sum(2))
+                    backend.gram_per_sample(K, G_sum)
             else:
                 raise ValueError(f"unknown sequence method {method!r}; expected 'auto', 'ghost' or 'per_sample'")
         self.rows = rows if rows and len(rows) == len(self.groups) else None
@@ -137,8 +144,8 @@ class SeqFactors(Factors):
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
         if self.rows is not None:  # Σ_ik u_ik P_ik: m·out·in instead of b·T·out·in
             parts = [
-                (backend.backproject_per_sample(P, u), None if self.bias is None else torch.tensordot(u, G.to(u.dtype).sum(2), dims=2))
-                for P, (_, G) in zip(self.rows, self.groups)
+                (backend.backproject_per_sample(P, u), None if self.bias is None else backend.backproject_per_sample(G_sum, u))
+                for P, G_sum in zip(self.rows, self.bias_rows())
             ]
         else:
             parts = [backend.backproject(A, G, u, self.bias is not None) for A, G in self.groups]
@@ -156,17 +163,18 @@ class SeqFactors(Factors):
         if dW is not None:
             dW = dW.T if self.transposed else dW.reshape(dW.shape[0], -1)
         total = 0
-        for i, (A, G) in enumerate(self.groups):
+        for i, ((A, G), G_sum) in enumerate(zip(self.groups, self.bias_rows())):
             n_out = G.shape[3]
             rows = slice(i * n_out, (i + 1) * n_out)
+            dW_g = None if dW is None else dW[rows]
             db_g = None if db is None else db[rows]
-            if dW is None or self.rows is not None:  # bias: (J̃v)_ik = Σ_t G_ik,t · db
-                total = total + (0 if db_g is None else G.to(dtype).sum(2) @ db_g.to(dtype))
-            if dW is not None:
-                if self.rows is not None:
-                    total = total + backend.project_per_sample(self.rows[i], dW[rows], dtype)
-                else:
-                    total = total + backend.project(A, G, dW[rows], db_g, dtype)
+            if dW_g is not None and self.rows is None:  # one GEMM along v: Σ_t G_ik,t · (dW a_i,t + db)
+                total = total + backend.project(A, G, dW_g, db_g, dtype)
+                continue
+            if dW_g is not None:  # kept per-sample rows: ⟨P_ik, dW⟩
+                total = total + backend.project_per_sample(self.rows[i], dW_g, dtype)
+            if db_g is not None:  # the bias's rows Σ_t G_ik,t
+                total = total + backend.project_per_sample(G_sum, db_g, dtype)
         return total
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
@@ -176,7 +184,7 @@ class SeqFactors(Factors):
             P = concat([backend.per_sample_seq(A, G, dtype).flatten(3) for A, G in self.groups], 2)
             out.append(P.transpose(2, 3) if self.transposed else P.view(b, s, *self.weight.shape))
         if self.bias is not None:
-            out.append(concat([G.to(dtype).sum(2) for _, G in self.groups], 2))
+            out.append(concat([G_sum.to(dtype) for G_sum in self.bias_rows()], 2))
         return out
 
 
