@@ -106,7 +106,7 @@ class CrossEntropyLoss(Loss):
             return -torch.log_softmax(outputs, 1).gather(1, targets[:, None]).squeeze(1)
         b, T = targets.shape
         counted = targets != IGNORE_INDEX
-        logp = torch.log_softmax(outputs.view(b, T, -1), 2)
+        logp = torch.log_softmax(outputs.reshape(b, T, -1), 2)
         tok = -logp.gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
         return torch.where(counted, tok, 0.0).sum(1) * _token_scale(targets)
 
@@ -120,7 +120,7 @@ class CrossEntropyLoss(Loss):
                 return self.per_sample(outputs, targets), p.scatter_add(1, targets[:, None], -torch.ones_like(p[:, :1]))
             b, T = targets.shape
             counted = targets != IGNORE_INDEX
-            p = torch.softmax(outputs.view(b, T, -1), 2)
+            p = torch.softmax(outputs.reshape(b, T, -1), 2)
             r = p.scatter_add(2, targets.clamp(min=0)[..., None], -torch.ones_like(p[..., :1]))
             r = torch.where(counted[..., None], r, 0.0) * _token_scale(targets)
             return self.per_sample(outputs, targets), r.view(b, -1)
@@ -130,7 +130,7 @@ class CrossEntropyLoss(Loss):
         (k, b) or (k, b, T), long."""
         b = outputs.shape[0]
         T = 1 if targets.dim() == 1 else targets.shape[1]
-        p = torch.softmax(outputs.detach().view(b * T, -1).double(), 1)
+        p = torch.softmax(outputs.detach().reshape(b * T, -1).double(), 1)
         device = p.device if generator is None else generator.device
         drawn = torch.multinomial(p.to(device), k, replacement=True, generator=generator).to(p.device)  # (b·T, k)
         drawn = drawn.T.reshape(k, *targets.shape)

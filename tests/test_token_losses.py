@@ -232,8 +232,8 @@ def test_row_space_guard_names_mc():
 
 
 def test_optimizer_mc_with_momentum_and_adaptive_damping():
-    """s is not a multiple of d (momentum), so ρ needs sᵀĤs: from the layer factors (no double
-    backward through the attention kernel). The prediction equals the dense ½sᵀĤs + gᵀs."""
+    """s is not a multiple of d (momentum), so ρ needs sᵀĤs: from the layer factors (a double
+    backward through CPU attention would raise). ρ is finite every step and moves λ."""
     torch.manual_seed(0)
     model = randomize(TinyGPT(V, 8, 1, 2, T), 2)
     opt = egn_fast.EGN(model, loss="cross_entropy", curvature="mc", mc_samples=2, damping=1.0, momentum=0.9,
@@ -241,3 +241,32 @@ def test_optimizer_mc_with_momentum_and_adaptive_damping():
     infos = [opt.step(*token_data(8, T, V, s)) for s in range(4)]
     assert all(i.rho is not None and torch.isfinite(torch.tensor(i.rho)) for i in infos)
     assert len({i.damping for i in infos}) > 1  # ρ moved λ
+
+
+class Shifted(nn.Module):
+    """logits[:, :-1] of a model: a non-contiguous (b, T−1, V) view, as in the README's closure."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm(ids)[:, :-1]
+
+
+@pytest.mark.parametrize("curvature", ["exact", "mc"])
+def test_sliced_logits(curvature):
+    lm = randomize(TinyGPT(V, 8, 1, 2, T).double(), 6)
+    ids, _ = token_data(3, T, V, 8, ignored=0)
+    y = ids[:, 1:]
+    system = egn_fast.build_system(lm, closure=lambda: (lm(ids)[:, :-1], y), loss="cross_entropy", curvature=curvature,
+                                   generator=torch.Generator().manual_seed(0))
+    _, d = system.solve_and_backproject(0.4)
+    model = Shifted(lm)
+    if curvature == "exact":
+        want = dense_batch_loss_direction(model, ids, y, lambda f, t: F.cross_entropy(f.reshape(-1, V), t.reshape(-1)), 0.4)
+    else:
+        H = sampled_hessian(model, ids, system.samples, lambda f, t: F.cross_entropy(f.view(-1, V), t, reduction="sum"),
+                            y.numel())
+        want = damped_direction(model, ids, y, lambda f, t: F.cross_entropy(f.reshape(-1, V), t.reshape(-1)), H, 0.4)
+    assert rel_err(d, want) < 1e-8

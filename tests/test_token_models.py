@@ -98,11 +98,12 @@ def test_gpt2_per_token_mc(k):
 
 
 def test_gpt2_trains_with_its_stock_forward():
-    """EGN(curvature="mc") with a closure over GPT2LMHeadModel's ModelOutput, next-token targets."""
+    """EGN(curvature="mc") with a closure over GPT2LMHeadModel's ModelOutput, next-token targets
+    (the README's form: logits[:, :-1] against ids[:, 1:])."""
     model = tiny_gpt2(5).float()
-    ids, _ = token_data(8, T + 1, V, 6, ignored=0)
+    ids, _ = token_data(8, T, V, 6, ignored=0)
     opt = egn_fast.EGN(model.lm, loss="cross_entropy", curvature="mc", mc_samples=2, damping=1.0, line_search="armijo")
-    closure = lambda: (model.lm(input_ids=ids[:, :-1]).logits, ids[:, 1:])
+    closure = lambda: (model.lm(input_ids=ids).logits[:, :-1], ids[:, 1:])
     losses = [opt.step(closure=closure).loss for _ in range(6)]
     assert losses[-1] < losses[0] - 0.1
 
