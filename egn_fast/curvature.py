@@ -33,8 +33,9 @@ __all__ = ["CURVATURES", "check_curvature", "Rows", "rows_for"]
 CURVATURES = ("exact", "mc", "empirical")
 
 
-def check_curvature(curvature: str, mc_samples: int, generator: torch.Generator | None = None) -> None:
-    """Refuse an unknown estimator, a sample count that is not a positive int, a non-generator."""
+def check_curvature(curvature: str, mc_samples: int, generator: torch.Generator | None = None, damping: float | None = None) -> None:
+    """Refuse an unknown estimator, a sample count that is not a positive int, a non-generator,
+    and damping 0 with Monte-Carlo rows (Ĥ has rank ≤ b·mc_samples: Ĥ + 0·I is singular)."""
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; expected one of {', '.join(map(repr, CURVATURES))}")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
@@ -43,6 +44,8 @@ def check_curvature(curvature: str, mc_samples: int, generator: torch.Generator 
         raise ValueError(f"mc_samples={mc_samples} is for curvature='mc'; curvature={curvature!r} has its own rows")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if curvature == "mc" and damping == 0:
+        raise ValueError("curvature='mc' needs damping > 0 (its estimate of H has rank ≤ b·mc_samples)")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveDamping"]
+__all__ = ["AdaptiveDamping", "resolve_adaptive_damping"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +32,12 @@ class AdaptiveDamping:
         elif rho > self.rho_high:
             damping *= self.decrease
         return min(max(damping, self.min_damping), self.max_damping)
+
+
+def resolve_adaptive_damping(value: object) -> AdaptiveDamping | None:
+    """False (off) | True (the defaults) | an AdaptiveDamping."""
+    if value is True:
+        return AdaptiveDamping()
+    if not (value is False or isinstance(value, AdaptiveDamping)):
+        raise ValueError(f"adaptive_damping must be a bool or an AdaptiveDamping, got {value!r}")
+    return value or None

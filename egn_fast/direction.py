@@ -59,9 +59,7 @@ def direction_with_info(
     """Like `direction`, plus the loss, γ, jitter, gᵀd, dᵀHd, ‖d‖², the predicted decrease,
     (with timings=True) seconds per stage, and the drawn samples."""
     damping = check_damping(damping)  # before the model runs
-    check_curvature(curvature, mc_samples, generator)
-    if curvature == "mc" and damping == 0:
-        raise ValueError("curvature='mc' needs damping > 0 (its estimate of H has rank ≤ b·mc_samples)")
+    check_curvature(curvature, mc_samples, generator, damping)
     mode = check_mode(process_group, distributed)
     build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
     options = {} if curvature == "exact" else dict(curvature=curvature, mc_samples=mc_samples, generator=generator)

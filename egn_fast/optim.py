@@ -3,9 +3,8 @@ r"""EGN as a `torch.optim.Optimizer` (the preconditioner form is egn_fast.precon
 Each step, at the current parameters w and for one mini-batch (docs/design.md §1):
 
     d      = −(H + λI)⁻¹ g                      exact LM direction, solved in the m×m row space
-    d̂      = momentum(d)                        "ema":        m ← βm + (1−β)d,  d̂ = m / (1 − βᵗ)
-                                                "heavy_ball": v ← βv + d,       d̂ = v
-                                                "nesterov":   v ← βv + d,       d̂ = d + βv
+                                                (or −(H + λD)⁻¹g with metric="adam", egn_fast.metric)
+    d̂      = momentum(d)                        "ema" | "heavy_ball" | "nesterov" (egn_fast.momentum)
     s_g    = t · lr_g · d̂_g                     per parameter group g; t = 1 without line search
     w_g    ← (1 − lr_g · weight_decay_g) w_g + s_g      (decoupled weight decay)
 
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -34,40 +32,17 @@ from torch import Tensor, nn
 from .capture import Closure, Inputs, forward_of
 from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
 from .curvature import check_curvature
-from .damping import AdaptiveDamping
+from .damping import AdaptiveDamping, resolve_adaptive_damping
 from .distributed import DataParallel, check_mode, unwrap
 from .errors import NonFiniteError, SolveError
-from .line_search import ArmijoLineSearch
+from .line_search import ArmijoLineSearch, resolve_line_search
+from .metric import adam_metric, check_metric, with_diagonal_metric
+from .momentum import check_momentum, momentum_direction
 from .solve import dot
+from .step_info import StepInfo
 from .system import RowSpaceSystem, build_system, row_jvp
 
 __all__ = ["EGN", "StepInfo"]
-
-
-@dataclass
-class StepInfo:
-    """What one `EGN.step` did.
-
-    loss: batch loss before the step; loss_after: after it (None when not evaluated: no line
-    search and no adaptive damping); damping: λ used; next_damping: λ for the next step;
-    step_size: t·lr of the first group (0 when rejected); rho: gain ratio (None when not
-    computed); accepted: whether the parameters changed; direction_norm: ‖d‖ of the LM
-    direction; jitter: diagonal jitter the solve needed; line_search_tries; timings: seconds per
-    stage (when asked); reason: why a step was rejected.
-    """
-
-    loss: float
-    damping: float
-    next_damping: float
-    accepted: bool
-    loss_after: float | None = None
-    step_size: float = 0.0
-    rho: float | None = None
-    direction_norm: float = 0.0
-    jitter: float = 0.0
-    line_search_tries: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    reason: str = ""
 
 
 class EGN(torch.optim.Optimizer):
@@ -84,6 +59,10 @@ class EGN(torch.optim.Optimizer):
             `generator`; the default generator is seeded from torch's global RNG) | "empirical"
             (egn_fast.curvature). The state_dict carries the generator's state, so a resumed run
             draws the same samples.
+        metric: None (d = −(H + λI)⁻¹g) | "adam": d = −(H + λD)⁻¹g with D = √v̂ + metric_eps,
+            v̂ the bias-corrected EMA (metric_beta) of g² (Adam's second moment, updated with
+            every step's gradient; egn_fast.metric). Off the rows' span the step is then Adam's
+            g/(λD) instead of g/λ: use it with curvature="mc"; λ acts as 1/Adam's lr.
         lr: step multiplier per group (1.0 is the full LM step).
         damping: initial λ ≥ 0 in (H + λI).
         momentum: β ∈ [0, 1) on the direction; momentum_type "ema" | "heavy_ball" | "nesterov".
@@ -132,24 +111,17 @@ class EGN(torch.optim.Optimizer):
         curvature: str = "exact",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        metric: str | None = None,
+        metric_beta: float = 0.999,
+        metric_eps: float = 1e-8,
     ) -> None:
         check_model(model)  # before model.parameters() below
-        check_curvature(curvature, mc_samples, generator)
         lr, damping, weight_decay = check_lr(lr), check_damping(damping), finite_nonnegative("weight_decay", weight_decay)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if momentum_type not in ("ema", "heavy_ball", "nesterov"):
-            raise ValueError(f"unknown momentum_type {momentum_type!r}; expected 'ema', 'heavy_ball' or 'nesterov'")
+        check_curvature(curvature, mc_samples, generator, damping)
+        check_momentum(momentum, momentum_type)
+        check_metric(metric, metric_beta, metric_eps)
         if max_step_norm is not None and not max_step_norm > 0:
             raise ValueError(f"max_step_norm must be > 0, got {max_step_norm}")
-        if line_search == "armijo":
-            line_search = ArmijoLineSearch()
-        if not (line_search is None or isinstance(line_search, ArmijoLineSearch)):
-            raise ValueError(f"line_search must be None, 'armijo' or an ArmijoLineSearch, got {line_search!r}")
-        if adaptive_damping is True:
-            adaptive_damping = AdaptiveDamping()
-        if not (adaptive_damping is False or isinstance(adaptive_damping, AdaptiveDamping)):
-            raise ValueError(f"adaptive_damping must be a bool or an AdaptiveDamping, got {adaptive_damping!r}")
         super().__init__(model.parameters() if params is None else params, dict(lr=lr, weight_decay=weight_decay))
         check_params_in_model(model, [p for g in self.param_groups for p in g["params"]])
         mode = check_mode(process_group, distributed)
@@ -160,20 +132,21 @@ class EGN(torch.optim.Optimizer):
         self.loss_fn = resolve_loss(loss)
         self.momentum = momentum
         self.momentum_type = momentum_type
-        self.line_search = line_search or None
-        self.adaptive_damping = adaptive_damping or None
+        self.line_search = resolve_line_search(line_search)
+        self.adaptive_damping = resolve_adaptive_damping(adaptive_damping)
         self.max_step_norm = max_step_norm
         self.skip_nonfinite = skip_nonfinite
         self.backend, self.seq_method, self.solve_dtype, self.timings = backend, seq_method, solve_dtype, timings
-        if curvature == "mc" and damping == 0:
-            raise ValueError("curvature='mc' needs damping > 0 (its estimate of H has rank ≤ b·mc_samples)")
+        if metric is not None and self.data_parallel is not None:
+            raise ValueError("metric= with a process_group is not supported yet")
+        self.metric, self.metric_beta, self.metric_eps = metric, metric_beta, metric_eps
         self.curvature, self.mc_samples = curvature, mc_samples
         self.generator = generator
         if curvature == "mc" and generator is None:
             device = self.param_groups[0]["params"][0].device
             self.generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
         # Optimizer-wide state (per-parameter state holds the momentum buffers)
-        self.egn_state: dict[str, Any] = dict(damping=damping, step_scale=1.0, steps=0, momentum_steps=0)
+        self.egn_state: dict[str, Any] = dict(damping=damping, step_scale=1.0, steps=0, momentum_steps=0, metric_steps=0)
 
     @property
     def damping(self) -> float:
@@ -211,7 +184,14 @@ class EGN(torch.optim.Optimizer):
                 self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn,
                 backend=self.backend, seq_method=self.seq_method, timings=self.timings, **self._rows(),
             )
+            scale = None
+            if self.metric is not None:
+                with system.clock("metric"):
+                    scale = self._metric_scale(system.params, system.gradient())
+                    system = with_diagonal_metric(system, scale)
             sol, d = system.solve_and_backproject(damping, self.solve_dtype)
+            if scale is not None:
+                d = [x * s for x, s in zip(d, scale)]
         except (NonFiniteError, SolveError) as err:
             if not self.skip_nonfinite:
                 raise
@@ -249,10 +229,12 @@ class EGN(torch.optim.Optimizer):
         if a is not None:
             g_dot_s, s_H_s, s_norm2 = a * sol.gtd, a * a * sol.dHd, a * a * sol.dnorm2
         else:
-            g_dot_s, s_norm2 = dot(system.gradient(), steps), dot(steps, steps)
+            # under a metric the system is in w' = D^{1/2}w: s enters as s' = s/scale (s'ᵀs' = sᵀDs)
+            inner = steps if scale is None else [x / c for x, c in zip(steps, scale)]
+            g_dot_s, s_norm2 = dot(system.gradient(), inner), dot(inner, inner)
             s_H_s = math.nan
             if self.adaptive_damping is not None:
-                s_H_s = _curvature(system, forward, steps) if self.data_parallel is None else system.curvature(forward, steps)
+                s_H_s = _curvature(system, forward, inner) if self.data_parallel is None else system.curvature(forward, steps)
         saved = [p.detach().clone() for p in params]
         t, loss_after, tries = self._search(forward, params, steps, saved, system.loss, g_dot_s)
         info.loss_after, info.line_search_tries = loss_after, tries
@@ -287,6 +269,16 @@ class EGN(torch.optim.Optimizer):
         info.accepted, info.step_size = True, t * (lrs[0] if lrs else 0.0)
         return info
 
+    def _metric_scale(self, params: list[nn.Parameter], grad: list[Tensor]) -> list[Tensor]:
+        """D^{-1/2} per parameter, Adam's second moment updated with this step's gradient."""
+        self.egn_state["metric_steps"] += 1
+        scale = []
+        for p, g in zip(params, grad):
+            v, c = adam_metric(self.state[p].get("metric_sq"), g, self.metric_beta, self.metric_eps, self.egn_state["metric_steps"])
+            self.state[p]["metric_sq"] = v
+            scale.append(c)
+        return scale
+
     def _rows(self) -> dict[str, Any]:
         """build_system's row-estimator options (none for the exact rows)."""
         if self.curvature == "exact":
@@ -295,18 +287,8 @@ class EGN(torch.optim.Optimizer):
 
     def _momentum(self, params: list[nn.Parameter], d: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         """d̂ and the new momentum buffers (stored only if the step is accepted)."""
-        beta = self.momentum
-        if beta == 0:
-            return d, None
         old = [self.state[p].get("momentum_buffer") for p in params]
-        if self.momentum_type == "ema":
-            buffers = [(1 - beta) * x if m is None else beta * m + (1 - beta) * x for m, x in zip(old, d)]
-            correction = 1 - beta ** (self.egn_state["momentum_steps"] + 1)
-            return [m / correction for m in buffers], buffers
-        buffers = [x.clone() if m is None else beta * m + x for m, x in zip(old, d)]
-        if self.momentum_type == "heavy_ball":
-            return buffers, buffers
-        return [x + beta * m for x, m in zip(d, buffers)], buffers
+        return momentum_direction(d, old, self.momentum, self.momentum_type, self.egn_state["momentum_steps"])
 
     def _commit(self, params: list[nn.Parameter], buffers: list[Tensor] | None) -> None:
         if buffers is None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .capture import Closure, Inputs, forward_of
 from .checks import LossSpec, check_damping, check_model, check_params_in_model, resolve_loss
-from .optim import StepInfo
+from .step_info import StepInfo
 from .system import build_system
 
 __all__ = ["EGNPreconditioner"]

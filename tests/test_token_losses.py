@@ -15,7 +15,7 @@ import egn_fast
 from egn_fast.checks import check_row_space
 from egn_fast.curvature import rows_for
 from oracle import dense_batch_loss_direction, dense_jacobian, flat, rel_err, unflat
-from token_models import TinyGPT, randomize, token_data
+from token_models import TinyGPT, randomize, sampled_hessian, seq_ce_sum, token_data
 
 V, T = 5, 6
 
@@ -24,28 +24,10 @@ def token_ce(f: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(f.reshape(-1, V), y.reshape(-1))
 
 
-def sampled_hessian(model: nn.Module, ids: Tensor, samples: Tensor, per_sample_loss, norm: float) -> Tensor:
-    """Ĥ = (1/norm) Σ_{j,i} J_iᵀ u_ij u_ijᵀ J_i with u_ij = ∇_f per_sample_loss(f_i, ŷ_ij) (autograd)."""
-    out, J = dense_jacobian(model, ids)
-    b, c = out.shape
-    Ji = J.view(b, c, -1)
-    H = torch.zeros(J.shape[1], J.shape[1], dtype=torch.float64)
-    for y in samples:
-        for i in range(b):
-            u = torch.func.grad(per_sample_loss)(out[i], y[i])
-            gi = Ji[i].T @ u
-            H += torch.outer(gi, gi)
-    return H / norm
-
-
 def damped_direction(model: nn.Module, ids: Tensor, targets: Tensor, batch_loss, H: Tensor, lam: float) -> list[Tensor]:
     out, J = dense_jacobian(model, ids)
     g = J.T @ torch.func.grad(lambda v: batch_loss(v.view(out.shape), targets))(out.reshape(-1))
     return unflat(model, -torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=H.dtype), g))
-
-
-def seq_ce_sum(f: Tensor, y: Tensor) -> Tensor:  # one sequence's summed token losses, f (T·V,)
-    return F.cross_entropy(f.view(-1, V), y, reduction="sum", ignore_index=-100)
 
 
 @pytest.fixture(params=[(3, 0), (T, 1)], ids=["b3", "T==b"])

@@ -1,11 +1,13 @@
 """Language models for the per-token tests: a nanoGPT-style char model built from standard modules,
-and random per-token targets with ignored tokens."""
+random per-token targets with ignored tokens, and the oracle's Ĥ rebuilt from drawn labels."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from oracle import dense_jacobian
 
 
 class Block(nn.Module):
@@ -63,3 +65,22 @@ def token_data(b: int, T: int, vocab: int, seed: int, ignored: int = 2) -> tuple
     flat = torch.randperm(b * T, generator=g)[:ignored]
     y.view(-1)[flat] = -100
     return ids[:, :-1], y
+
+
+def sampled_hessian(model: nn.Module, ids: Tensor, samples: Tensor, per_sample_loss, norm: float) -> Tensor:
+    """Ĥ = (1/norm) Σ_{j,i} J_iᵀ u_ij u_ijᵀ J_i with u_ij = ∇_f per_sample_loss(f_i, ŷ_ij) (autograd)."""
+    out, J = dense_jacobian(model, ids)
+    b, c = out.shape
+    Ji = J.view(b, c, -1)
+    H = torch.zeros(J.shape[1], J.shape[1], dtype=torch.float64)
+    for y in samples:
+        for i in range(b):
+            u = torch.func.grad(per_sample_loss)(out[i], y[i])
+            gi = Ji[i].T @ u
+            H += torch.outer(gi, gi)
+    return H / norm
+
+
+def seq_ce_sum(f: Tensor, y: Tensor) -> Tensor:
+    """One sequence's summed token losses: f (T·V,), y (T,) with −100 ignored."""
+    return F.cross_entropy(f.view(y.shape[0], -1), y, reduction="sum", ignore_index=-100)
