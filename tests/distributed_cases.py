@@ -18,6 +18,7 @@ from egn_fast.distributed import MODES, DataParallel
 from egn_fast.distributed_shard import ShardedRows
 from models import make, targets
 from oracle import dense_direction, rel_err
+from token_models import TinyGPT, randomize, token_data
 
 LOSSES = ["mse", "cross_entropy", "bce"]
 # dense, sequence, embedding, norms, the generic rule (custom module, MultiheadAttention), a tied
@@ -108,8 +109,14 @@ def bad_inputs(rank: int, world: int) -> dict:
     if rank == 1:
         with torch.no_grad():
             replica[0].weight[0, 0] += 1e-12
+    lm = randomize(TinyGPT(), 1)
+    ids, tokens = token_data(2 * world, 6, 5, 2)
     for name, call in [("seq_len", lambda: egn_fast.direction(seq, *shard(rank, world, xs, ys), process_group=dist.group.WORLD)),
-                       ("replicas", lambda: egn_fast.EGN(replica, process_group=dist.group.WORLD))]:
+                       ("replicas", lambda: egn_fast.EGN(replica, process_group=dist.group.WORLD)),
+                       ("mc", lambda: egn_fast.direction(model, *shard(rank, world, x, y), loss="cross_entropy", curvature="mc",
+                                                         process_group=dist.group.WORLD)),
+                       ("per_token", lambda: egn_fast.direction(lm, *shard(rank, world, ids, tokens), loss="cross_entropy",
+                                                                process_group=dist.group.WORLD))]:
         try:
             call()
             raised[name] = None
