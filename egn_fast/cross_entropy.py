@@ -130,7 +130,7 @@ class CrossEntropyLoss(Loss):
         (k, b) or (k, b, T), long."""
         b = outputs.shape[0]
         T = 1 if targets.dim() == 1 else targets.shape[1]
-        p = torch.softmax(outputs.detach().reshape(b * T, -1).double(), 1)
+        p = torch.softmax(outputs.detach().reshape(b * T, -1).to(torch.promote_types(outputs.dtype, torch.float32)), 1)
         device = p.device if generator is None else generator.device
         drawn = torch.multinomial(p.to(device), k, replacement=True, generator=generator).to(p.device)  # (b·T, k)
         drawn = drawn.T.reshape(k, *targets.shape)

@@ -31,6 +31,7 @@ from .ops import Backend
 __all__ = ["CURVATURES", "check_curvature", "Rows", "rows_for"]
 
 CURVATURES = ("exact", "mc", "empirical")
+_CHUNK_ELEMENTS = 1 << 26  # draws turned into cotangents at once (256 MiB of fp32)
 
 
 def check_curvature(curvature: str, mc_samples: int, generator: torch.Generator | None = None, damping: float | None = None) -> None:
@@ -79,8 +80,13 @@ def rows_for(
             w = torch.full((r.shape[0], 1), a**0.5, dtype=r.dtype, device=r.device)
             return Rows(LossHead(per_sample, r, (r / a**0.5).unsqueeze(2), w), None)
         samples = loss.sample_targets(outputs, targets, mc_samples, generator)
-        # all draws in one call, as a batch of k·b samples (a per-token scale b/N is unchanged)
+        # draws in chunks of ≤ _CHUNK_ELEMENTS cotangent numbers, each chunk one call as a batch
+        # of chunk·b samples (a per-token scale b/N is unchanged)
         b, c = outputs.shape
-        drawn = loss.residual(outputs.repeat(mc_samples, 1), samples.reshape(mc_samples * b, *samples.shape[2:]))[1]
-        S = drawn.view(mc_samples, b, c).permute(1, 2, 0) / (a * mc_samples) ** 0.5
-        return Rows(LossHead(per_sample, r, S, None), samples)
+        S = outputs.new_empty(b, c, mc_samples)
+        step = max(1, _CHUNK_ELEMENTS // (b * c))
+        for j in range(0, mc_samples, step):
+            y = samples[j : j + step]
+            drawn = loss.residual(outputs.repeat(len(y), 1), y.reshape(len(y) * b, *y.shape[2:]))[1]
+            S[:, :, j : j + len(y)] = drawn.view(len(y), b, c).permute(1, 2, 0)
+        return Rows(LossHead(per_sample, r, S / (a * mc_samples) ** 0.5, None), samples)

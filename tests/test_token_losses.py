@@ -252,3 +252,15 @@ def test_sliced_logits(curvature):
                             y.numel())
         want = damped_direction(model, ids, y, lambda f, t: F.cross_entropy(f.reshape(-1, V), t.reshape(-1)), H, 0.4)
     assert rel_err(d, want) < 1e-8
+
+
+def test_mc_rows_in_chunks_equal_one_call(monkeypatch):
+    import egn_fast.curvature as curvature
+
+    f = torch.randn(3, T * V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, y = token_data(3, T, V, 1)
+    loss = egn_fast.CrossEntropyLoss()
+    whole = rows_for(loss, f, y, "mc", 5, torch.Generator().manual_seed(2)).head.S
+    monkeypatch.setattr(curvature, "_CHUNK_ELEMENTS", 2 * 3 * T * V)  # 2 draws per chunk: 3 chunks
+    chunked = rows_for(loss, f, y, "mc", 5, torch.Generator().manual_seed(2)).head.S
+    assert torch.equal(whole, chunked)
