@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--untied", action="store_true", help="a separate nn.Linear head instead of the tied embedding")
     parser.add_argument("--d", type=int, default=D, help=f"model width (default {D})")
     parser.add_argument("--layers", type=int, default=LAYERS, help=f"blocks (default {LAYERS})")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"mini-batch size (default {BATCH})")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer in the step-time table (20; --quick 3)")
     args = parser.parse_args(argv)
     specs, notes = lm_specs(), {}
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         return CharGPT(vocab, args.d, args.layers, HEADS, T, tie=not args.untied)
 
     def batches(seed: int, n: int):
-        windows = text_data.char_batches(train_stream, BATCH, T, n, torch.Generator().manual_seed(seed))
+        windows = text_data.char_batches(train_stream, args.batch_size, T, n, torch.Generator().manual_seed(seed))
         return (text_data.split_window(w) for w in windows)
 
     def run_point(spec: OptSpec, point: dict, seed: int, purpose: str, progress: Callable[[int], None]) -> Run:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     tag = "cpu_quick" if args.quick else "cpu"
     report: dict[str, Any] = {
         "machine": machine_info(),
-        "settings": {"quick": args.quick, "steps": steps, "batch_size": BATCH, "T": T, "d": args.d, "layers": args.layers,
+        "settings": {"quick": args.quick, "steps": steps, "batch_size": args.batch_size, "T": T, "d": args.d, "layers": args.layers,
                      "heads": HEADS, "tied_head": not args.untied, "vocab": vocab, "vocab_chars": corpus.vocab.chars,
                      "seeds": seeds, "eval_every": eval_every, "val_windows": VAL_WINDOWS, "test_windows": TEST_WINDOWS,
                      "split_reviews": {k: len(v) for k, v in corpus.rows.items()},
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     report["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     plot_curves(results, labels, [("val_loss", "validation loss (nats/char)")],
-                f"CharGPT on women's reviews ({steps} steps, b {BATCH}, T {T}; mean, min–max over seeds)",
+                f"CharGPT on women's reviews ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
                 args.out / f"char_lm_{tag}.png")
     table = markdown(report, labels)
     (args.out / f"char_lm_{tag}.md").write_text(table)

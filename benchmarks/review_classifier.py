@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimizers", default=None, help="comma list (default: egn,adamw,sgd)")
     parser.add_argument("--data-dir", type=Path, default=None, help=f"directory with {text_data.FILE} (default: $EGN_FAST_DATA)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"mini-batch size (default {BATCH})")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer in the step-time table (20; --quick 3)")
     args = parser.parse_args(argv)
     chosen_specs = specs()
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         model, run = make_model(seed), Run(spec.name, point, seed, purpose)
         ids, _, y = split["val" if purpose == "tune" else "test"]
         opt = spec.make(model, seed, **point)
-        batches = review_batches(train_ids, train_y, BATCH, steps, torch.Generator().manual_seed(seed))
+        batches = review_batches(train_ids, train_y, args.batch_size, steps, torch.Generator().manual_seed(seed))
         train(model, opt, batches, steps, F.cross_entropy, lambda m: evaluate(m, ids, y), eval_every, run, progress)
         if not run.stopped:
             run.final = {"loss": final_value(run, "loss"), "accuracy": run.curve["accuracy"][-1],
@@ -144,14 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     results = run_all(chosen_specs, run_point, steps, seeds, args.quick, "loss", "review_classifier")
     labels = {s.name: s.label for s in specs()}
     makers = {s.name: (lambda model, s=s: s.make(model, 0, **results[s.name]["chosen"])) for s in chosen_specs}
-    batch = next(review_batches(train_ids, train_y, BATCH, 1, torch.Generator().manual_seed(0)))
+    batch = next(review_batches(train_ids, train_y, args.batch_size, 1, torch.Generator().manual_seed(0)))
     step_time = step_breakdown(lambda: make_model(0), makers, batch, F.cross_entropy, args.reps or (3 if args.quick else 20),
                                1 if args.quick else 2)
     test_y = split["test"][2]
     tag = "cpu_quick" if args.quick else "cpu"
     report: dict[str, Any] = {
         "machine": machine_info(),
-        "settings": {"quick": args.quick, "label": args.label, "classes": classes, "steps": steps, "batch_size": BATCH,
+        "settings": {"quick": args.quick, "label": args.label, "classes": classes, "steps": steps, "batch_size": args.batch_size,
                      "T": T, "d": D, "layers": LAYERS, "heads": HEADS, "seeds": seeds, "eval_every": eval_every,
                      "split_reviews": {k: len(v) for k, v in corpus.rows.items()},
                      "truncated_fraction": float((split["train"][1].sum(1) == T).double().mean()),
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     report["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     plot_curves(results, labels, [("loss", "test loss"), ("accuracy", "test accuracy")],
-                f"ReviewClassifier, {args.label} ({steps} steps, b {BATCH}, T {T}; mean, min–max over seeds)",
+                f"ReviewClassifier, {args.label} ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
                 args.out / f"review_classifier_{tag}.png")
     table = markdown(report, labels)
     (args.out / f"review_classifier_{tag}.md").write_text(table)

@@ -124,9 +124,10 @@ def train(model: nn.Module, opt: Any, batches: Iterable[Batch], steps: int, loss
     clock, losses, done = 0.0, [], 0
 
     def record(step: int) -> None:
-        for key, value in {"step": step, "seconds": clock, "train_loss": statistics.fmean(losses) if losses else math.nan,
+        # train_loss: the mean batch loss since the last evaluation (None before the first step)
+        for key, value in {"step": step, "seconds": clock, "train_loss": statistics.fmean(losses) if losses else None,
                            **evaluate(model)}.items():
-            run.curve.setdefault(key, []).append(float(value))
+            run.curve.setdefault(key, []).append(None if value is None else float(value))
         losses.clear()
 
     record(0)
