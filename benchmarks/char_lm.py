@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         "verdict": verdict(results, labels),
     }
     report["seconds"] = time.perf_counter() - started
+    report["machine"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())  # other processes on the machine
     args.out.mkdir(parents=True, exist_ok=True)
     plot_curves(results, labels, [("val_loss", "validation loss (nats/char)")],
                 f"CharGPT on women's reviews ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",

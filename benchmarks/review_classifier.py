@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         "optimizers": results_json(results, KEYS), "step_time": step_time,
     }
     report["seconds"] = time.perf_counter() - started
+    report["machine"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())  # other processes on the machine
     args.out.mkdir(parents=True, exist_ok=True)
     plot_curves(results, labels, [("loss", "test loss"), ("accuracy", "test accuracy")],
                 f"ReviewClassifier, {args.label} ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
