@@ -57,8 +57,13 @@ VAL_WINDOWS = TEST_WINDOWS = 128  # fixed windows of T + 1 characters
 KEYS = ["val_loss", "best_val_loss", "test_loss"]
 
 
+EGN_GRID = points(lr=[0.5, 1.0], damping=[0.1, 1.0, 10.0])
+
+
 def lm_specs() -> list[OptSpec]:
-    """The nine EGN variants of this benchmark, then AdamW and SGD."""
+    """The nine EGN variants of this benchmark, then AdamW and SGD. The plain variant of each
+    curvature is tuned on EGN_GRID; its + momentum and + adaptive damping variants take its
+    chosen (lr, λ) (λ as adaptive damping's λ₀), and tune on EGN_GRID only when it does not run."""
     specs = []
     for key, label, curv, k in [("mc1", "MC k=1", "mc", 1), ("mc4", "MC k=4", "mc", 4), ("emp", "empirical", "empirical", 1)]:
         def plain(model, seed, lr, damping, c=curv, k=k):
@@ -71,11 +76,9 @@ def lm_specs() -> list[OptSpec]:
             return make_egn(model, seed, curvature=c, mc_samples=k, lr=lr, damping=damping, adaptive=True)
 
         quick = {"lr": 1.0, "damping": 1.0}
-        specs += [OptSpec(f"egn_{key}", f"EGN {label}", plain, points(lr=[0.5, 1.0], damping=[0.1, 1.0, 10.0]), quick, True),
-                  OptSpec(f"egn_{key}_mom", f"EGN {label} + momentum 0.9", mom, points(lr=[0.5, 1.0], damping=[1.0, 10.0]),
-                          quick, True),
-                  OptSpec(f"egn_{key}_ad", f"EGN {label} + adaptive damping", ad, points(lr=[1.0], damping=[0.1, 1.0, 10.0]),
-                          quick, True)]
+        specs += [OptSpec(f"egn_{key}", f"EGN {label}", plain, EGN_GRID, quick, True),
+                  OptSpec(f"egn_{key}_mom", f"EGN {label} + momentum 0.9", mom, EGN_GRID, quick, True, inherit=f"egn_{key}"),
+                  OptSpec(f"egn_{key}_ad", f"EGN {label} + adaptive damping", ad, EGN_GRID, quick, True, inherit=f"egn_{key}")]
     return specs + torch_specs([3e-4, 1e-3, 3e-3, 1e-2], [3e-2, 1e-1, 3e-1, 1.0], 3e-3, 1e-1)
 
 
@@ -128,6 +131,7 @@ def markdown(report: dict[str, Any], labels: dict[str, str]) -> str:
     for name, res in report["optimizers"].items():
         sm = res["summary"]
         chosen = ", ".join(f"{k} {v:g}" for k, v in res["chosen"].items()) + (" *" if res["chosen_at_grid_edge"] else "")
+        chosen += f" (from {res['inherited_from']})" if res["inherited_from"] else ""
         stop = f" ({len(sm['stopped'])} stopped)" if sm["stopped"] else ""
         lines.append(f"| {labels[name]}{stop} | {chosen} | {fmt(sm['val_loss'])} | {fmt(sm['best_val_loss'])} | "
                      f"{fmt(sm['test_loss'])} | {sm.get('seconds', math.nan):.1f} | {sm.get('steps_per_s', math.nan):.1f} |")

@@ -44,7 +44,7 @@ from text_bench import (OptSpec, Run, breakdown_markdown, final_value, fmt, make
                         results_json, run_all, step_breakdown, summarize, torch_specs, train)
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, BATCH, T = 300, 32, 64
+STEPS, BATCH, T = 200, 32, 64
 D, LAYERS, HEADS = 64, 1, 4
 EVALUATIONS = 15
 KEYS = ["loss", "accuracy", "best_accuracy"]

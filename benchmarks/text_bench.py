@@ -46,7 +46,8 @@ EGN_HAS_CURVATURE = "curvature" in inspect.signature(EGN.__init__).parameters  #
 @dataclass
 class OptSpec:
     """An optimizer of a benchmark: make(model, seed, **point), its grid and its --quick point.
-    `widen`: the grid key extended when the chosen value sits at an edge (None: not widened)."""
+    `widen`: the grid key extended when the chosen value sits at an edge (None: not widened);
+    `inherit`: the name of an earlier spec whose chosen point this one uses untuned."""
 
     name: str
     label: str
@@ -55,6 +56,7 @@ class OptSpec:
     quick: dict[str, float]
     egn: bool = False
     widen: str | None = None
+    inherit: str | None = None  # take this spec's chosen point instead of tuning (when it runs first)
 
 
 def points(**axes: list[float]) -> list[dict[str, float]]:
@@ -297,20 +299,29 @@ def breakdown_markdown(bd: dict, labels: dict[str, str], reference: str = "adamw
 
 def run_all(specs: list[OptSpec], run_point: Callable[[OptSpec, dict, int, str, Callable], Run], steps: int,
             seeds: list[int], quick: bool, key: str, desc: str) -> dict[str, dict]:
-    """Tune every spec (seed 0; --quick: its quick point only), then run the chosen point on every seed."""
-    total = steps * sum((1 if quick else len(s.grid)) + len(seeds) for s in specs)
+    """Tune every spec (seed 0; --quick: its quick point only; an `inherit` spec: the chosen point
+    of the spec it names, if that ran before it), then run the chosen point on every seed."""
+    names = [s.name for s in specs]
+
+    def inherits(spec: OptSpec) -> bool:
+        return spec.inherit in names[:names.index(spec.name)]
+
+    total = steps * sum((0 if quick or inherits(s) else len(s.grid)) + len(seeds) for s in specs)
     results: dict[str, dict] = {}
     with tqdm(total=total, desc=desc, unit="step") as bar:
         for spec in specs:
             bar.set_postfix_str(f"{spec.name}: tuning")
             if quick:
                 chosen, tuning, edge = spec.quick, [], False
+            elif inherits(spec):
+                chosen, tuning, edge = results[spec.inherit]["chosen"], [], results[spec.inherit]["edge"]
             else:
                 chosen, tuning, edge = tune(spec, lambda p: run_point(spec, p, 0, "tune", bar.update), key)
                 bar.total += steps * (len(tuning) - len(spec.grid))
             bar.set_postfix_str(f"{spec.name}: seeds")
             seed_runs = [run_point(spec, chosen, s, "seed", bar.update) for s in seeds]
-            results[spec.name] = {"chosen": chosen, "edge": edge, "tuning": tuning, "seed_runs": seed_runs}
+            results[spec.name] = {"chosen": chosen, "edge": edge, "tuning": tuning, "seed_runs": seed_runs,
+                                  "inherited_from": spec.inherit if inherits(spec) and not quick else None}
             for r in tuning + seed_runs:
                 if r.stopped:
                     tqdm.write(f"{spec.name} {r.point} seed {r.seed}: {r.stopped}")
@@ -319,7 +330,7 @@ def run_all(specs: list[OptSpec], run_point: Callable[[OptSpec, dict, int, str, 
 
 def results_json(results: dict[str, dict], keys: list[str]) -> dict[str, Any]:
     """The JSON form of `run_all`'s results, with each optimizer's summary."""
-    return {name: {"chosen": res["chosen"], "chosen_at_grid_edge": res["edge"],
+    return {name: {"chosen": res["chosen"], "chosen_at_grid_edge": res["edge"], "inherited_from": res["inherited_from"],
                    "summary": summarize(res["seed_runs"], keys),
                    "tuning": [asdict(r) for r in res["tuning"]], "seed_runs": [asdict(r) for r in res["seed_runs"]]}
             for name, res in results.items()}
