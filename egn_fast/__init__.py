@@ -27,7 +27,8 @@ from .damping import AdaptiveDamping
 from .direction import DirectionResult, direction, direction_with_info
 from .errors import NonFiniteError, SolveError
 from .line_search import ArmijoLineSearch
-from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, LossHead, MSELoss
+from .cross_entropy import CrossEntropyLoss
+from .losses import AutogradLoss, BCEWithLogitsLoss, Loss, LossHead, MSELoss
 from .optim import EGN, StepInfo
 from .preconditioner import EGNPreconditioner
 from .rules import (

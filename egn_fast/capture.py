@@ -117,6 +117,7 @@ class Capture:
         self.calls: dict[nn.Module, list[ModuleCall]] = {}
         self.expand = expand or {}
         self.b = b
+        self.output_shape: tuple[int, ...] = ()  # the model's outputs (b, …) before flattening
         self._handles: list[Any] = []
 
     def __enter__(self) -> "Capture":

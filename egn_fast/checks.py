@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .losses import NAMED_LOSSES, AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, ScaledLoss
+from .cross_entropy import CrossEntropyLoss
+from .losses import AutogradLoss, BCEWithLogitsLoss, Loss, MSELoss, ScaledLoss
 
 __all__ = [
     "LossSpec",
@@ -34,6 +35,8 @@ __all__ = [
 
 LossSpec = str | Loss | Callable[[Tensor, Tensor], Tensor]
 SEQ_METHODS = ("auto", "ghost", "per_sample")
+# The names `loss=` accepts; a new named loss is one more entry.
+NAMED_LOSSES: dict[str, type[Loss]] = {"mse": MSELoss, "cross_entropy": CrossEntropyLoss, "bce": BCEWithLogitsLoss}
 
 
 def resolve_loss(loss: LossSpec) -> Loss:
@@ -86,6 +89,8 @@ def from_torch_loss(module: nn.Module) -> Loss:
             "for a weighted or smoothed loss pass a per-sample callable fn(f_i, y_i) -> scalar"
         )
     base, factor, per_output = TORCH_LOSSES[type(module)]
+    if base is CrossEntropyLoss:  # classes on dim 1 in torch: per-token targets would be misread
+        return CrossEntropyLoss(per_token=False)
     if factor == 1 and not per_output:
         return base()
     return ScaledLoss(base(), factor, per_output, f"torch.nn.{kind}")
@@ -204,7 +209,10 @@ def check_row_space(b: int, s: int, dtype: torch.dtype, device: torch.device) ->
     the numbers and the ways out; warn once per size when it fits but m is large."""
     m = b * s
     need = ROW_SPACE_MATRICES * m * m * torch.finfo(dtype).bits // 8
-    ways_out = "use a smaller batch or fewer outputs per sample, or egn_fast.SGN (conjugate gradients, no m×m matrix)"
+    ways_out = (
+        "use a smaller batch or fewer outputs per sample, curvature='mc' (b·mc_samples rows, e.g. for per-token "
+        "losses), or egn_fast.SGN (conjugate gradients, no m×m matrix)"
+    )
     have = available_memory(device)
     if have is not None and need > have:
         raise ValueError(

@@ -1,7 +1,8 @@
 """The public one-call API: the exact Levenberg–Marquardt / EGN direction for one mini-batch.
 
     d = egn_fast.direction(model, inputs, targets, loss="mse", damping=1.0)
-    info = egn_fast.direction_with_info(...)     # + loss, solve by-products, m, timings
+    info = egn_fast.direction_with_info(...)     # + loss, solve by-products, m, timings, samples
+    d = egn_fast.direction(model, ids, targets, loss="cross_entropy", curvature="mc", mc_samples=1)
 
 Both are `build_system` followed by `RowSpaceSystem.solve_and_backproject` (egn_fast.system),
 the same two calls the optimizers make.
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from .capture import Inputs
 from .checks import LossSpec, check_damping
+from .curvature import check_curvature
 from .distributed import DataParallel, check_mode
 from .system import Solution, build_system
 
@@ -25,13 +27,16 @@ __all__ = ["DirectionResult", "direction", "direction_with_info"]
 
 @dataclass
 class DirectionResult:
-    """`direction_with_info`'s answer: the direction, the loss, the solve and its by-products."""
+    """`direction_with_info`'s answer: the direction, the loss, the solve and its by-products;
+    samples: the targets drawn for curvature="mc", (k, *targets.shape) (LongTensor (k, b, T) per
+    token, (k, b) for (b, C) outputs), else None."""
 
     direction: list[Tensor]
     loss: float
     solution: Solution
     m: int
     timings: dict[str, float]
+    samples: Tensor | None = None
 
 
 def direction_with_info(
@@ -47,15 +52,22 @@ def direction_with_info(
     timings: bool = False,
     process_group: Any = None,
     distributed: str | None = None,
+    curvature: str = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
 ) -> DirectionResult:
-    """Like `direction`, plus the loss, γ, jitter, gᵀd, dᵀHd, ‖d‖², the predicted decrease and
-    (with timings=True) seconds per stage."""
+    """Like `direction`, plus the loss, γ, jitter, gᵀd, dᵀHd, ‖d‖², the predicted decrease,
+    (with timings=True) seconds per stage, and the drawn samples."""
     damping = check_damping(damping)  # before the model runs
+    check_curvature(curvature, mc_samples, generator)
+    if curvature == "mc" and damping == 0:
+        raise ValueError("curvature='mc' needs damping > 0 (its estimate of H has rank ≤ b·mc_samples)")
     mode = check_mode(process_group, distributed)
     build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
-    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings)
+    options = {} if curvature == "exact" else dict(curvature=curvature, mc_samples=mc_samples, generator=generator)
+    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings, **options)
     sol, d = system.solve_and_backproject(damping, solve_dtype)
-    return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings)
+    return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings, getattr(system, "samples", None))
 
 
 def direction(
@@ -70,6 +82,9 @@ def direction(
     seq_method: str = "auto",
     process_group: Any = None,
     distributed: str | None = None,
+    curvature: str = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
 ) -> list[Tensor]:
     """The exact Levenberg–Marquardt / EGN direction d = −(H + λI)⁻¹g for one mini-batch.
 
@@ -85,10 +100,15 @@ def direction(
     process_group: a torch.distributed group whose ranks each pass their own shard of the batch
     (egn_fast.distributed); distributed="exact" (the default with a group) returns on every rank
     the direction of the concatenated batch, "local" the mean of the per-rank directions.
+
+    curvature: "exact" (H itself) | "mc" (H estimated from `mc_samples` rows per sample with
+    targets drawn from the model by `generator`; the step −(Ĥ + λI)⁻¹g is exact for those draws,
+    λ > 0) | "empirical" (one row per sample from the true targets); see egn_fast.curvature.
+    Per-token cross-entropy: outputs (b, T, V), targets (b, T), −100 ignored (egn_fast.cross_entropy).
     """
     return direction_with_info(
         model, inputs, targets, loss=loss, damping=damping, backend=backend, solve_dtype=solve_dtype, seq_method=seq_method,
-        process_group=process_group, distributed=distributed,
+        process_group=process_group, distributed=distributed, curvature=curvature, mc_samples=mc_samples, generator=generator,
     ).direction
 
 

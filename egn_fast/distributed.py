@@ -153,7 +153,9 @@ class DataParallel:
         tensors: list[Tensor] = []
         signature = 0
         try:
-            local = build_system(model, closure=forward, gram=not self.exact, **options)
+            if options.get("curvature", "exact") != "exact":
+                raise ValueError(f"curvature={options['curvature']!r} with a process_group is not supported yet; use curvature='exact'")
+            local = build_system(model, closure=_refusing_token_targets(forward), gram=not self.exact, **options)
             head = local.head
             tensors = [head.per_sample.detach()]
             if self.exact:
@@ -219,6 +221,19 @@ class DataParallel:
             error = err
         sizes = self.sync(error, [per_sample.shape[0]])[:, 1].tolist()
         return float(self.gather_rows([per_sample], sizes)[0].mean())
+
+
+def _refusing_token_targets(forward: Closure) -> Closure:
+    """forward, refusing per-token targets (b, T): each rank's loss would be a mean over its own
+    tokens, and the ranks' token counts differ, so the global token mean is not their combination."""
+
+    def checked() -> tuple[Tensor, Tensor]:
+        out, targets = forward()
+        if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.dim() >= 2 and out.dim() >= 3:
+            raise ValueError("per-token targets (b, T) with a process_group are not supported yet")
+        return out, targets
+
+    return checked
 
 
 class DataParallelSystem:

@@ -116,6 +116,7 @@ def capture_planned(
             continue
         _SHARED[model] = (b, expand)
         plan.apply(capture)
+        capture.output_shape = tuple(out.shape)
         return capture, f_flat, targets, plan
     raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
 

@@ -8,6 +8,11 @@ f_i ∈ R^c the flattened output of sample i.
     S_i w_i = r_i                  w: (b, s)
 
 The EGN system is then (K + bλI) γ = w with K = J̃J̃ᵀ, J̃ = SᵀJ (m = b·s rows, sample-major).
+
+For the estimated curvatures (egn_fast.curvature) a loss also gives its residual alone
+(`residual`), targets drawn from the model's predictive distribution (`sample_targets`, for
+Monte-Carlo rows) and `curvature_scale` a, with E_ŷ[r(ŷ) r(ŷ)ᵀ] = a·Q_i. Cross-entropy, also per
+token, is in egn_fast.cross_entropy.
 """
 
 from __future__ import annotations
@@ -24,11 +29,10 @@ __all__ = [
     "LossHead",
     "Loss",
     "MSELoss",
-    "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "AutogradLoss",
     "ScaledLoss",
-    "NAMED_LOSSES",
+    "draw",
 ]
 
 
@@ -38,14 +42,15 @@ class LossHead:
 
     per_sample: (b,)      ℓ_i
     r:          (b, c)    ∂ℓ_i/∂f_i
-    S:          (b, c, s) factor of the output Hessian, S_i S_iᵀ = Q_i
-    w:          (b, s)    coefficients with S_i w_i = r_i
+    S:          (b, c, s) factor of the output Hessian, S_i S_iᵀ = Q_i (or of its estimate)
+    w:          (b, s)    coefficients with S_i w_i = r_i; None for Monte-Carlo rows, whose span
+                          need not hold r (the step is then the Woodbury form, egn_fast.system)
     """
 
     per_sample: Tensor
     r: Tensor
     S: Tensor
-    w: Tensor
+    w: Tensor | None
 
     @property
     def value(self) -> Tensor:
@@ -90,9 +95,31 @@ class Loss:
         f = outputs.reshape(outputs.shape[0], -1)
         return self.per_sample(f, self.check_targets(f, targets)).mean()
 
+    def check_output_shape(self, shape: tuple[int, ...], targets: object) -> None:
+        """Refuse model outputs of `shape` (b, …), before flattening, that the targets as given
+        would misread (a loss that cares about more than c); the default accepts any."""
+
     def residual_and_factor(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Return r (b, c) and S (b, c, s) with S_i S_iᵀ = ∂²ℓ_i/∂f_i²."""
         raise NotImplementedError
+
+    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(ℓ (b,), r (b, c)) without the Hessian factor (the estimated curvatures need only r)."""
+        head = self.head(outputs, targets)
+        return head.per_sample, head.r
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        """k targets per sample drawn from the model's predictive distribution at `outputs`:
+        (k, *targets.shape), with E_ŷ[r(ŷ) r(ŷ)ᵀ] = curvature_scale · Q_i (Monte-Carlo rows)."""
+        raise ValueError(
+            f"curvature='mc' draws targets from the model's predictive distribution, which the loss {self.name!r} "
+            "does not define (a custom loss); use curvature='exact' or 'empirical', or a named loss"
+        )
+
+    def curvature_scale(self, outputs: Tensor, targets: Tensor) -> float:
+        """a with E_ŷ[r(ŷ) r(ŷ)ᵀ] = a·Q_i for targets drawn by `sample_targets` (1 for a loss that
+        is a negative log-likelihood of its predictive distribution)."""
+        return 1.0
 
     def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
         with torch.no_grad():
@@ -116,80 +143,14 @@ class MSELoss(Loss):
             S = torch.eye(c, dtype=outputs.dtype, device=outputs.device).expand(b, c, c)
             return LossHead(0.5 * r.square().sum(1), r, S, r)
 
+    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        r = outputs - targets
+        return 0.5 * r.square().sum(1), r
 
-class CrossEntropyLoss(Loss):
-    """ℓ_i = −log softmax(f_i)[y_i] with integer targets y_i ∈ [0, c).
-
-    r = p − e_y, Q = diag(p) − ppᵀ. The full factor S = diag(√p) − p√pᵀ has √p in its null
-    space, so by default (`reduced=True`) we use the rank-(c−1) factor S' = diag(√p) U with U an
-    orthonormal basis of √p⊥ (a Householder reflection that maps √p to −e_j, j = argmax p,
-    minus its column j): one row fewer per sample, s = c − 1, same K + bλI solution.
-    w = Uᵀ(√p − e_y/√p_y) solves S' w = r.
-    """
-
-    name = "cross_entropy"
-
-    def __init__(self, reduced: bool = True):
-        self.reduced = reduced
-
-    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        b, c = outputs.shape
-        if not isinstance(targets, Tensor):
-            raise ValueError(f"cross_entropy: targets must be a tensor, got {type(targets).__name__}")
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-            raise ValueError(
-                f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}"
-            )
-        tokens = targets[0].numel() if targets.dim() >= 2 and len(targets) == b else 0
-        if tokens > 1 and c % tokens == 0 and c // tokens >= 2:  # (b, T) labels of (b, T, C) outputs, C ≥ 2
-            raise ValueError(
-                f"cross_entropy: targets {tuple(targets.shape)} are one class per token, and per-token losses on outputs "
-                f"(b, T, C) are not supported yet; use a per-sequence callable, e.g. loss=lambda f, y: "
-                f"F.cross_entropy(f.view({tokens}, {c // tokens}), y, reduction='sum') (exact: {c} rows per sample), or, "
-                "only if the model treats every token independently, make each token a sample: inputs (b·T, …), targets (b·T,)"
-            )
-        if targets.shape != (b,):
-            raise ValueError(
-                f"cross_entropy: targets of shape {tuple(targets.shape)} do not match outputs of "
-                f"shape {(b, c)} (expected ({b},) class indices)"
-            )
-        if c < 2:
-            raise ValueError(f"cross_entropy needs at least 2 classes, outputs have {c}")
-        lo, hi = (int(v) for v in torch.aminmax(targets))
-        if lo < 0 or hi >= c:
-            raise ValueError(f"cross_entropy: class index {lo if lo < 0 else hi} out of range [0, {c})")
-        return targets.long()
-
-    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return -torch.log_softmax(outputs, 1).gather(1, targets[:, None]).squeeze(1)
-
-    def head(self, outputs: Tensor, targets: Tensor, backend: Backend | None = None) -> LossHead:
-        with torch.no_grad():
-            b, c = outputs.shape
-            logp = torch.log_softmax(outputs, 1)
-            p = logp.exp()
-            sqrt_p = (0.5 * logp).exp()  # no underflow until log p < 2·log(tiny)
-            onehot = torch.nn.functional.one_hot(targets, c).to(outputs.dtype)
-            r = p - onehot
-            logp_y = logp.gather(1, targets[:, None])
-            per_sample = -logp_y.squeeze(1)
-            # w = √p − e_y/√p_y; p_y clamped to the dtype's smallest normal so w stays finite.
-            inv_sqrt_py = (-0.5 * logp_y).exp().clamp(max=torch.finfo(p.dtype).tiny ** -0.5)
-            w_full = sqrt_p - onehot * inv_sqrt_py
-            if not self.reduced:
-                S = torch.diag_embed(sqrt_p) - p[:, :, None] * sqrt_p[:, None, :]
-                return LossHead(per_sample, r, S, w_full)
-            # Householder H = I − v vᵀ/(1+√p_j), v = √p + e_j: H√p = −e_j, H symmetric orthogonal;
-            # U = H without column j. S' = diag(√p) U, w' = Uᵀ w = (H w)[keep], no c×c GEMMs.
-            j = p.argmax(1, keepdim=True)  # (b, 1)
-            v = sqrt_p.scatter_add(1, j, torch.ones_like(logp_y))
-            coef = v / (1.0 + sqrt_p.gather(1, j))  # H = I − v coefᵀ
-            cols = torch.arange(c - 1, device=p.device).expand(b, c - 1)
-            keep = cols + (cols >= j).long()  # (b, c−1): every column but j
-            S = (sqrt_p * v).unsqueeze(2) * coef.gather(1, keep).neg().unsqueeze(1)
-            S.scatter_add_(1, keep.unsqueeze(1), sqrt_p.gather(1, keep).unsqueeze(1))  # + diag(√p)[:, keep]
-            w = w_full.gather(1, keep) - v.gather(1, keep) * (coef * w_full).sum(1, keepdim=True)
-            return LossHead(per_sample, r, S, w)
+    def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        """ŷ = f + ε, ε ~ N(0, I) (the Gaussian the squared error is the log-likelihood of): r = −ε."""
+        noise = draw(torch.randn, (k, *outputs.shape), generator, outputs)
+        return outputs.detach() + noise.to(outputs.dtype)
 
 
 class BCEWithLogitsLoss(Loss):
@@ -217,6 +178,14 @@ class BCEWithLogitsLoss(Loss):
             sqrt_q = q.sqrt()
             r = p - targets
             return LossHead(self.per_sample(outputs, targets), r, torch.diag_embed(sqrt_q), r / sqrt_q)
+
+    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return self.per_sample(outputs, targets), torch.sigmoid(outputs) - targets
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        """ŷ ~ Bernoulli(σ(f)) per output, as 0.0/1.0."""
+        u = draw(torch.rand, (k, *outputs.shape), generator, outputs)
+        return (u < torch.sigmoid(outputs.detach().double())).to(outputs.dtype)
 
 
 class AutogradLoss(Loss):
@@ -249,6 +218,11 @@ class AutogradLoss(Loss):
 
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.func.vmap(self.fn)(outputs, targets)
+
+    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        y = targets.double() if targets.is_floating_point() else targets
+        r = torch.func.vmap(torch.func.grad(self.fn))(outputs.detach().double(), y)
+        return self.per_sample(outputs, targets), r.to(outputs.dtype)
 
     def residual_and_factor(
         self, outputs: Tensor, targets: Tensor, backend: Backend | None = None
@@ -308,6 +282,24 @@ class ScaledLoss(Loss):
         head, a = self.base.head(outputs, targets, backend), self.scale(outputs)
         return LossHead(a * head.per_sample, a * head.r, a**0.5 * head.S, a**0.5 * head.w)
 
+    def check_output_shape(self, shape: tuple[int, ...], targets: object) -> None:
+        self.base.check_output_shape(shape, targets)
 
-# The names `loss=` accepts (egn_fast.checks.resolve_loss); a new named loss is one more entry.
-NAMED_LOSSES: dict[str, type[Loss]] = {"mse": MSELoss, "cross_entropy": CrossEntropyLoss, "bce": BCEWithLogitsLoss}
+    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        per_sample, r = self.base.residual(outputs, targets)
+        a = self.scale(outputs)
+        return a * per_sample, a * r
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        return self.base.sample_targets(outputs, targets, k, generator)
+
+    def curvature_scale(self, outputs: Tensor, targets: Tensor) -> float:
+        return self.scale(outputs) * self.base.curvature_scale(outputs, targets)
+
+
+def draw(sampler: Callable[..., Tensor], shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """sampler(shape) (torch.rand / torch.randn) in float64 on the generator's device (the global
+    RNG of `like`'s device when None), moved to `like`'s device: the draws depend only on the
+    generator's state, not on where the model runs."""
+    device = like.device if generator is None else generator.device
+    return sampler(shape, generator=generator, device=device, dtype=torch.float64).to(like.device)

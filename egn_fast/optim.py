@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .capture import Closure, Inputs, forward_of
 from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
+from .curvature import check_curvature
 from .damping import AdaptiveDamping
 from .distributed import DataParallel, check_mode, unwrap
 from .errors import NonFiniteError, SolveError
@@ -77,7 +78,12 @@ class EGN(torch.optim.Optimizer):
             groups (default: all of `model.parameters()`); parameters with requires_grad=False
             are skipped.
         loss: "mse" (½‖f−y‖² per sample) | "cross_entropy" | "bce" | a `Loss` | a per-sample
-            callable `fn(outputs (c,), target) -> scalar`. The batch loss is the mean over samples.
+            callable `fn(outputs (c,), target) -> scalar`. The batch loss is the mean over samples
+            (per-token cross-entropy: over counted tokens, egn_fast.cross_entropy).
+        curvature: "exact" | "mc" (mc_samples rows per sample from targets drawn with
+            `generator`; the default generator is seeded from torch's global RNG) | "empirical"
+            (egn_fast.curvature). The state_dict carries the generator's state, so a resumed run
+            draws the same samples.
         lr: step multiplier per group (1.0 is the full LM step).
         damping: initial λ ≥ 0 in (H + λI).
         momentum: β ∈ [0, 1) on the direction; momentum_type "ema" | "heavy_ball" | "nesterov".
@@ -123,8 +129,12 @@ class EGN(torch.optim.Optimizer):
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
         process_group: Any = None,
         distributed: str | None = None,
+        curvature: str = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
     ) -> None:
         check_model(model)  # before model.parameters() below
+        check_curvature(curvature, mc_samples, generator)
         lr, damping, weight_decay = check_lr(lr), check_damping(damping), finite_nonnegative("weight_decay", weight_decay)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -155,6 +165,13 @@ class EGN(torch.optim.Optimizer):
         self.max_step_norm = max_step_norm
         self.skip_nonfinite = skip_nonfinite
         self.backend, self.seq_method, self.solve_dtype, self.timings = backend, seq_method, solve_dtype, timings
+        if curvature == "mc" and damping == 0:
+            raise ValueError("curvature='mc' needs damping > 0 (its estimate of H has rank ≤ b·mc_samples)")
+        self.curvature, self.mc_samples = curvature, mc_samples
+        self.generator = generator
+        if curvature == "mc" and generator is None:
+            device = self.param_groups[0]["params"][0].device
+            self.generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
         # Optimizer-wide state (per-parameter state holds the momentum buffers)
         self.egn_state: dict[str, Any] = dict(damping=damping, step_scale=1.0, steps=0, momentum_steps=0)
 
@@ -166,13 +183,19 @@ class EGN(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["egn"] = dict(self.egn_state)
+        if self.generator is not None:
+            sd["egn"]["generator_state"] = self.generator.get_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         if "egn" not in state_dict:
             raise ValueError("not an EGN state_dict (no 'egn' entry)")
-        self.egn_state.update(state_dict.pop("egn"))
+        egn = dict(state_dict.pop("egn"))
+        rng = egn.pop("generator_state", None)
+        if rng is not None and self.generator is not None:
+            self.generator.set_state(rng)
+        self.egn_state.update(egn)
         super().load_state_dict(state_dict)
 
     @torch.no_grad()
@@ -186,7 +209,7 @@ class EGN(torch.optim.Optimizer):
         try:
             system = build(
                 self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn,
-                backend=self.backend, seq_method=self.seq_method, timings=self.timings,
+                backend=self.backend, seq_method=self.seq_method, timings=self.timings, **self._rows(),
             )
             sol, d = system.solve_and_backproject(damping, self.solve_dtype)
         except (NonFiniteError, SolveError) as err:
@@ -263,6 +286,12 @@ class EGN(torch.optim.Optimizer):
         self._commit(params, buffers)
         info.accepted, info.step_size = True, t * (lrs[0] if lrs else 0.0)
         return info
+
+    def _rows(self) -> dict[str, Any]:
+        """build_system's row-estimator options (none for the exact rows)."""
+        if self.curvature == "exact":
+            return {}
+        return dict(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
 
     def _momentum(self, params: list[nn.Parameter], d: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         """d̂ and the new momentum buffers (stored only if the step is accepted)."""

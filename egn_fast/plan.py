@@ -212,7 +212,8 @@ def _make_plan(
                 raise ValueError(
                     f"parameter {(names[owner] + '.' if names[owner] else '') + pname!r} is used outside "
                     f"the forward of its module {names[owner]!r} (e.g. a functional call on a tied "
-                    "weight); egn_fast cannot attribute that use to a layer rule"
+                    "weight); egn_fast cannot attribute that use to a layer rule. Tie it through a module instead, "
+                    "e.g. head = nn.Linear(d, V, bias=False); head.weight = wte.weight; logits = head(h)"
                 )
             host, path = owner, [pname]
             while host not in capture.calls or host in parametrizing:  # W = P(original): its parametrized module decides

@@ -1,140 +1,37 @@
 """The row-space system, stage by stage (docs/design.md §3):
 
-    capture (forward with hooks) → loss head (r, S, w) → batched backward (G) → layer factors
-    → Gram K → damped solve (K + bλI) γ = w → back-projection d = −J̃ᵀγ
+    capture (forward with hooks) → loss head / rows (r, S, w) → batched backward (G) → layer
+    factors → Gram K → damped solve (K + bλI) γ = w → back-projection d = −J̃ᵀγ
 
 `build_system` runs the stages up to the Gram and returns a `RowSpaceSystem` (K, w and the layer
-factors); its `solve` and `backproject` run the last two, so several λ can be tried on one
-capture, and `solve_and_backproject` is both at once (what `direction` and the optimizers use).
+factors, egn_fast.row_space); its `solve` and `backproject` run the last two, so several λ can be
+tried on one capture, and `solve_and_backproject` is both at once (what `direction` and the
+optimizers use). Monte-Carlo rows (curvature="mc", egn_fast.curvature) add two stages, the
+gradient g (one backward) and J̃g from the layer factors, and give a `WoodburySystem`.
 `row_jvp` is the other product, J̃v, for matrix-free methods that need Hv = (1/b)J̃ᵀ(J̃v).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .capture import Capture, Closure, Inputs, ModuleCall, forward_of, output_grads
-from .checks import LossSpec, check_damping, check_row_space, check_seq_method, check_trainable, resolve_loss
+from .checks import LossSpec, check_row_space, check_seq_method, check_trainable, resolve_loss
 from .clock import StageClock
 from .errors import NonFiniteError
-from .losses import LossHead
+from .curvature import check_curvature, rows_for
 from .ops import Backend, get_backend
 from .forward import capture_planned, undone_on_error
 from .plan import Plan, check_inputs, collect_trainable
+from .row_space import RowSpaceSystem, Solution, WoodburySystem
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .rules.parametrized import reevaluated_parametrizations
-from .solve import EigenSolver, damped_solve
 
-__all__ = ["Solution", "RowSpaceSystem", "build_system", "layer_factors", "row_jvp", "row_jvp_fn"]
-
-
-@dataclass
-class Solution:
-    """The damped solve and its row-space by-products (docs/design.md §1), all without touching J.
-
-    gamma (m,): (K + bλI)γ = w.  With d = −J̃ᵀγ, g = (1/b)J̃ᵀw, H = (1/b)J̃ᵀJ̃:
-    gtd = gᵀd = −(1/b)wᵀKγ,  dHd = dᵀHd = (1/b)‖Kγ‖²,  dnorm2 = ‖d‖² = γᵀKγ,
-    predicted_decrease = −(gᵀd + ½dᵀHd + ½λ‖d‖²) (decrease of the LM model along d).
-    """
-
-    damping: float
-    gamma: Tensor
-    jitter: float
-    gtd: float
-    dHd: float
-    dnorm2: float
-
-    @property
-    def predicted_decrease(self) -> float:
-        return -(self.gtd + 0.5 * self.dHd + 0.5 * self.damping * self.dnorm2)
-
-
-@dataclass
-class RowSpaceSystem:
-    """Everything the solve and back-projection need, after one capture.
-
-    K (m, m) symmetric Gram J̃J̃ᵀ in fp32/fp64 (None when built with gram=False: then only
-    `backproject` works); w (m,); head: the loss head at the current parameters; factors:
-    per-layer factors; params: the trainable parameters in model.parameters() order; clock:
-    seconds per stage so far (`timings`), empty unless built with timings=True.
-    """
-
-    params: list[nn.Parameter]
-    K: Tensor | None
-    w: Tensor
-    b: int
-    s: int
-    head: LossHead
-    factors: list[Factors]
-    backend: Backend
-    clock: StageClock
-
-    @property
-    def loss(self) -> float:
-        """The batch loss L(w) at the parameters the system was built at."""
-        return float(self.head.value)
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """Seconds per stage ("forward", "loss_head", "backward", "gram", "solve", "backproject")."""
-        return self.clock.seconds
-
-    def _gram(self) -> Tensor:
-        if self.K is None:
-            raise ValueError("this system was built with gram=False; build it with gram=True to solve")
-        return self.K
-
-    def solve(self, damping: float, solve_dtype: torch.dtype | None = None) -> Solution:
-        """γ for damping λ ≥ 0 (Cholesky with jitter retry), with its by-products."""
-        damping = check_damping(damping)
-        res = damped_solve(self._gram(), self.w, self.b * damping, self.backend, solve_dtype)
-        return self._solution(damping, res.gamma, res.jitter)
-
-    def eigen(self, solve_dtype: torch.dtype | None = None) -> EigenSolver:
-        """K = VΛVᵀ once; then `solve_eigen(eig, λ)` costs O(m²) per λ."""
-        return EigenSolver(self._gram(), solve_dtype, self.backend)
-
-    def solve_eigen(self, eig: EigenSolver, damping: float) -> Solution:
-        """γ for damping λ > 0 from a precomputed eigendecomposition of K."""
-        damping = check_damping(damping)
-        return self._solution(damping, eig.solve(self.w, self.b * damping), 0.0)
-
-    def _solution(self, damping: float, gamma: Tensor, jitter: float) -> Solution:
-        Kg = self._gram() @ gamma
-        b = self.b
-        return Solution(
-            damping=damping,
-            gamma=gamma,
-            jitter=jitter,
-            gtd=float(-(self.w @ Kg) / b),
-            dHd=float(Kg @ Kg / b),
-            dnorm2=float(gamma @ Kg),
-        )
-
-    def backproject(self, gamma: Tensor) -> list[Tensor]:
-        """d = −J̃ᵀγ, one tensor per trainable parameter (shape, dtype and device of the parameter)."""
-        u = -gamma.view(self.b, self.s)
-        out: dict[int, Tensor] = {}
-        for f in self.factors:
-            for p, d in zip(f.params, f.backproject(u, self.backend)):
-                out[id(p)] = d
-        return [out[id(p)].to(p.dtype) if id(p) in out else torch.zeros_like(p) for p in self.params]
-
-    def gradient(self) -> list[Tensor]:
-        """g = (1/b)J̃ᵀw, the gradient of the batch-mean loss, shaped like `params`."""
-        return self.backproject(-self.w / self.b)  # backproject(γ) = −J̃ᵀγ
-
-    def solve_and_backproject(self, damping: float, solve_dtype: torch.dtype | None = None) -> tuple[Solution, list[Tensor]]:
-        """The LM direction d = −J̃ᵀ(K + bλI)⁻¹w for λ = damping, and its Solution (stages timed)."""
-        with self.clock("solve"):
-            sol = self.solve(damping, solve_dtype)
-        with self.clock("backproject"):
-            d = self.backproject(sol.gamma)
-        return sol, d
+__all__ = ["Solution", "RowSpaceSystem", "WoodburySystem", "build_system", "layer_factors", "row_jvp", "row_jvp_fn"]
 
 
 def build_system(
@@ -149,6 +46,9 @@ def build_system(
     seq_method: str = "auto",
     timings: bool = False,
     gram: bool = True,
+    curvature: str = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
 ) -> RowSpaceSystem:
     """Capture, loss head, batched backward and Gram: the row-space system at the current parameters.
 
@@ -161,6 +61,8 @@ def build_system(
     gram=False stops after the layer factors (K is None): for callers that only need J̃ᵀu
     (`backproject`) and J̃v (`row_jvp`), it saves the Σ_l (m²·out_l + b²·in_l) Gram work and the
     m×m memory. Non-finite factors are then not detected here (the Gram's diagonal is the check).
+    curvature: "exact" | "mc" (mc_samples rows per sample drawn with `generator`; a
+    WoodburySystem) | "empirical" (egn_fast.curvature).
     The model's parameters, buffers and .grad fields are left untouched.
     """
     forward = forward_of(model, inputs, targets, closure)
@@ -169,6 +71,7 @@ def build_system(
     device = check_trainable(model, params)
     ops = get_backend(backend, device)
     check_seq_method(seq_method)
+    check_curvature(curvature, mc_samples, generator)
     if inputs is not None:
         check_inputs(inputs, device)
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -182,13 +85,22 @@ def build_system(
             b = f_flat.shape[0]
 
         with clock("loss_head"):
+            loss_fn.check_output_shape(capture.output_shape, targets)
             targets = loss_fn.check_targets(f_flat, targets)
-            head = loss_fn.head(f_flat.detach(), targets, ops)
+            # under autocast the logits may be bf16: the loss head computes in fp32 at least
+            f_head = f_flat.detach().float() if f_flat.dtype in (torch.float16, torch.bfloat16) else f_flat.detach()
+            rows = rows_for(loss_fn, f_head, targets, curvature, mc_samples, generator, ops)
+            head = rows.head
             if not torch.isfinite(head.per_sample).all():
                 raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
             s = head.S.shape[2]
             if gram:
                 check_row_space(b, s, acc_dtype, device)
+
+        grad = None
+        if head.w is None:  # Monte-Carlo rows: g = (1/b) Σ_i J_iᵀ r_i by one backward, before the batched one
+            with clock("gradient"):
+                grad = _gradient(f_flat, head.r / b, params)
 
         with clock("backward"):
             calls: list[ModuleCall] = [c for m in plan.modules() for c in capture.calls[m]]
@@ -208,8 +120,31 @@ def build_system(
             # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
             if K is not None and not torch.isfinite(K.diagonal().sum()):
                 raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
-        w = head.w.reshape(-1).to(acc_dtype)
-        return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock)
+        if grad is None:
+            w = head.w.reshape(-1).to(acc_dtype)
+            return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock, rows.samples)
+        with clock("project"):
+            z = project(factors, params, grad, ops, acc_dtype, (b, s))
+        norm2 = float(sum((g.double().square().sum() for g in grad), torch.zeros((), dtype=torch.float64)))
+        return WoodburySystem(params, K, z.reshape(-1), b, s, head, factors, ops, clock, rows.samples, grad, norm2)
+
+
+def _gradient(f_flat: Tensor, cotangent: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """Σ_i J_iᵀ cotangent_i for every parameter (zeros where unused), keeping the graph for the
+    batched backward that follows."""
+    grads = torch.autograd.grad(f_flat, params, cotangent.to(f_flat.dtype), retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def project(
+    factors: list[Factors], params: list[nn.Parameter], v: list[Tensor], ops: Backend, dtype: torch.dtype, shape: tuple[int, int]
+) -> Tensor:
+    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors."""
+    by_id = {id(p): x for p, x in zip(params, v)}
+    z = torch.zeros(shape, dtype=dtype, device=v[0].device if v else None)
+    for f in factors:
+        z += f.project([by_id[id(p)] for p in f.params], ops, dtype)
+    return z
 
 
 def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) -> list[Factors]:

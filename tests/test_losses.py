@@ -204,18 +204,20 @@ def test_callable_loss_emits_no_warning():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_per_token_cross_entropy_is_refused_and_the_suggested_loss_is_exact():
+def test_per_token_cross_entropy_is_the_per_sequence_sum_rescaled():
+    """loss="cross_entropy" on (b, T, C) is the token mean, (b/N)·(1/b) Σ_i Σ_t: the per-sequence sum
+    (a per-sample callable, AutogradLoss) scaled by α = b/N, so its LM direction at λ equals the
+    callable's at λ/α."""
     from oracle import dense_direction, rel_err
 
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     x, y = torch.randn(2, 6, 4, dtype=torch.float64), torch.randint(0, 3, (2, 6))
-    with pytest.raises(ValueError, match=r"targets \(2, 6\) are one class per token, and per-token losses .* not supported yet"
-                       r".*F.cross_entropy\(f.view\(6, 3\), y, reduction='sum'\)"):
-        egn_fast.direction(model, x, y, loss="cross_entropy")
+    y[1, 2] = -100
+    N = int((y != -100).sum())
 
     def per_sequence(f, y):
-        return torch.nn.functional.cross_entropy(f.view(6, 3), y, reduction="sum")
+        return torch.nn.functional.cross_entropy(f.view(6, 3), y, reduction="sum", ignore_index=-100)
 
-    d = egn_fast.direction(model, x, y, loss=per_sequence, damping=0.2)
+    d = egn_fast.direction(model, x, y, loss="cross_entropy", damping=0.2 * 2 / N)
     assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss(per_sequence), 0.2)) < 1e-8

@@ -12,6 +12,9 @@ Every backend implements the same op set (shapes in `torch_backend`):
     backproject(A, G, u, bias)         J̃ᵀu of a (sequence) linear layer
     backproject_embedding(tokens, G, u, num_embeddings)
     backproject_per_sample(P, u)       J̃ᵀu from per-sample gradient rows
+    project(A, G, dW, db, dtype)       J̃v of a (sequence) linear layer (Monte-Carlo rows' J̃g)
+    project_embedding(tokens, G, dE, dtype)
+    project_per_sample(P, v, dtype)    J̃v from per-sample gradient rows
     cholesky_solve(A, B)               SPD solve, (X, info)
     cholesky_batched(A)                per-matrix Cholesky of a batch, (L, info)
     eigh(A)                            symmetric eigendecomposition, (evals, evecs)
@@ -49,6 +52,9 @@ class Backend:
     backproject = staticmethod(torch_backend.backproject)
     backproject_embedding = staticmethod(torch_backend.backproject_embedding)
     backproject_per_sample = staticmethod(torch_backend.backproject_per_sample)
+    project = staticmethod(torch_backend.project)
+    project_embedding = staticmethod(torch_backend.project_embedding)
+    project_per_sample = staticmethod(torch_backend.project_per_sample)
     cholesky_solve = staticmethod(torch_backend.cholesky_solve)
     cholesky_batched = staticmethod(torch_backend.cholesky_batched)
     eigh = staticmethod(torch_backend.eigh)

@@ -7,6 +7,7 @@ Shapes (rows are sample-major: row i·s + k belongs to sample i and cotangent co
     K  (m, m)           Gram, m = b·s; ops add their (symmetric) contribution to all of K but
                         compute only its lower triangle, strip by strip
     u  (b, s)           row-space coefficients of a back-projection J̃ᵀu
+    v                   a parameter-space vector (one tensor per parameter) of a projection J̃v -> (b, s)
 
 Factors may be bf16/fp16; every op computes in K's dtype (fp32 or fp64).
 """
@@ -165,6 +166,35 @@ def backproject_embedding(tokens: Tensor, G: Tensor, u: Tensor, num_embeddings: 
     b, s, T, dim = G.shape
     U = torch.bmm(u.unsqueeze(1), G.to(u.dtype).reshape(b, s, T * dim)).view(b * T, dim)
     return torch.zeros(num_embeddings, dim, dtype=u.dtype, device=u.device).index_add_(0, tokens.reshape(-1), U)
+
+
+def project(A: Tensor, G: Tensor, dW: Tensor, db: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """J̃v for a (sequence) linear layer: (J̃v)_ik = Σ_t G_ik,t · (dW a_i,t + db) -> (b, s).
+
+    A: (b, T, in), G: (b, s, T, out), dW: (out, in), db: (out,) or None. Cost b·T·in·out (one
+    GEMM, the forward of the layer along v) + b·s·T·out; computes in `dtype`.
+    """
+    b, s, T, out = G.shape
+    Z = A.to(dtype).reshape(b * T, -1) @ dW.to(dtype).T  # (b·T, out)
+    if db is not None:
+        Z += db.to(dtype)
+    return torch.bmm(G.to(dtype).reshape(b, s, T * out), Z.view(b, T * out, 1)).squeeze(2)
+
+
+def project_embedding(tokens: Tensor, G: Tensor, dE: Tensor, dtype: torch.dtype) -> Tensor:
+    """J̃v for an embedding table: (J̃v)_ik = Σ_t G_ik,t · dE[tok_i,t] -> (b, s).
+
+    tokens: (b, T), G: (b, s, T, dim), dE: (num_embeddings, dim); computes in `dtype`.
+    """
+    b, s, T, dim = G.shape
+    Z = dE.to(dtype)[tokens.reshape(-1)].view(b, T * dim, 1)
+    return torch.bmm(G.to(dtype).reshape(b, s, T * dim), Z).squeeze(2)
+
+
+def project_per_sample(P: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+    """J̃v from per-sample gradient rows: (J̃v)_ik = ⟨P_ik, v⟩. P: (b, s, *shape), v: (*shape) -> (b, s)."""
+    b, s = P.shape[:2]
+    return P.to(dtype).reshape(b, s, -1) @ v.to(dtype).reshape(-1)
 
 
 def cholesky_solve(A: Tensor, B: Tensor) -> tuple[Tensor | None, int]:

@@ -5,7 +5,8 @@ recorded inputs and output-gradients, without materializing J.
 |---------------------------------------------|----------------|----------------------------------|------------------------------|
 | Linear on (b, in)                           | linear.py      | A (b, in), G (b, s, out)         | gram_dense                   |
 | Linear on (b, *, in), Conv1d/2d             | linear.py      | A (b, T, in), G (b, s, T, out)   | gram_seq (ghost) or per-sample |
-| Embedding                                   | embedding.py   | tokens (b, T), G                 | gram_embedding               |
+| Hugging Face Conv1D (GPT-2; W is (in, out)) | linear.py      | A (b, T, in), G (b, s, T, out)   | as Linear (registered by name) |
+| Embedding                                   | embedding.py   | tokens (b, T), G                 | gram_embedding or per-sample |
 | LayerNorm/RMSNorm/GroupNorm/BatchNorm(eval) | norms.py       | per-sample rows P (b, s, n)      | gram_per_sample              |
 | InstanceNorm (affine)                       | instance_norm.py | per-sample rows P (b, s, C)    | gram_per_sample              |
 | PReLU                                       | activation.py  | per-sample rows P (b, s, 1 or C) | gram_per_sample              |

@@ -4,7 +4,7 @@ row i·s + k is sample i, cotangent column k), kept as activations and output-gr
 | type              | holds                                                      | Gram op                                   |
 |-------------------|------------------------------------------------------------|-------------------------------------------|
 | `SeqFactors`      | per group: A (b, T, in) inputs, G (b, s, T, out) output-gradients | gram_dense (T = 1), gram_seq (ghost) or per_sample_seq + gram_per_sample |
-| `EmbeddingFactors`| tokens (b, T), G (b, s, T, dim)                            | gram_embedding                            |
+| `EmbeddingFactors`| tokens (b, T), G (b, s, T, dim)                            | gram_embedding (ghost) or per_sample_embedding + gram_per_sample |
 | `PerSampleFactors`| per parameter p: rows P_p (b, s, *p.shape)                 | gram_per_sample                           |
 
 Every computation on factors goes through the op set (`egn_fast.ops.Backend`), so an
@@ -25,6 +25,9 @@ __all__ = ["Factors", "SeqFactors", "EmbeddingFactors", "PerSampleFactors", "mer
 # The per-sample method is not chosen when its m·out·in per-sample gradients exceed this
 # many elements (1 GiB of fp32).
 _PER_SAMPLE_MAX_ELEMENTS = 1 << 28
+# Per-sample gradients computed for the Gram are kept for the back-projection and J̃v (m·n
+# work instead of b·T·n) when they are at most this many times the factors' size.
+_KEEP_ROWS_FACTOR = 4
 
 
 def concat(parts: list[Tensor], dim: int) -> Tensor:
@@ -49,6 +52,11 @@ class Factors:
         """Rows of J̃_l per parameter: (b, s, *param.shape), in `dtype`."""
         raise NotImplementedError
 
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        """J̃_l v for v one tensor per parameter of `params` (their shapes): (b, s) in `dtype`.
+        The adjoint of `backproject`; Monte-Carlo rows need it for J̃g (egn_fast.system)."""
+        raise NotImplementedError(f"{type(self).__name__} has no project(v) (J̃v), which curvature='mc' needs")
+
 
 @lru_cache(maxsize=4096)
 def choose_seq_method(b: int, s: int, T: int, n_in: int, n_out: int) -> str:
@@ -70,7 +78,8 @@ class SeqFactors(Factors):
     """Linear / convolution factors, one (A, G) pair per group (a grouped convolution has several).
 
     A: (b, T, in_g) inputs (unfolded patches for a convolution), G: (b, s, T, out_g).
-    T = 1 is the dense case. weight (out, in_g·groups…) / bias (out,) are None when held fixed.
+    T = 1 is the dense case. weight (out, in_g·groups…) / bias (out,) are None when held fixed;
+    transposed: the weight is stored (in, out) (Hugging Face's Conv1D: y = x W + b; one group).
     seq_method: "auto" (cost model per layer) | "ghost" | "per_sample".
     """
 
@@ -80,10 +89,18 @@ class SeqFactors(Factors):
         bias: nn.Parameter | None,
         groups: list[tuple[Tensor, Tensor]],
         seq_method: str = "auto",
+        transposed: bool = False,
     ):
+        if transposed and len(groups) != 1:
+            raise ValueError("a transposed weight has one group")
         self.weight, self.bias, self.groups = weight, bias, groups
         self.params = [p for p in (weight, bias) if p is not None]
         self.seq_method = seq_method
+        self.transposed = transposed
+        self.rows: list[Tensor] | None = None  # per group P (b, s, out_g, in_g), kept by add_gram
+    def _weight_view(self, dW: Tensor) -> Tensor:
+        """(out, in_g·groups…) rows of the weight -> the weight's own shape."""
+        return dW.T if self.transposed else dW.view(self.weight.shape)
 
     def method(self) -> str:
         """"dense" (T = 1), "ghost" or "per_sample"."""
@@ -98,6 +115,7 @@ class SeqFactors(Factors):
     def add_gram(self, K: Tensor, backend: Backend) -> None:
         method = self.method()
         has_bias = self.bias is not None
+        rows = []
         for A, G in self.groups:
             if self.weight is None:
                 backend.gram_per_sample(K, G.sum(2))
@@ -106,27 +124,57 @@ class SeqFactors(Factors):
             elif method == "ghost":
                 backend.gram_seq(K, A, G, has_bias)
             elif method == "per_sample":
-                backend.gram_per_sample(K, backend.per_sample_seq(A, G, K.dtype).flatten(2))
+                P = backend.per_sample_seq(A, G, K.dtype)
+                backend.gram_per_sample(K, P.flatten(2))
+                if P.numel() <= _KEEP_ROWS_FACTOR * (A.numel() + G.numel()):
+                    rows.append(P)
                 if has_bias:  # a Gram of its own: cheaper than concatenating to P
                     backend.gram_per_sample(K, G.sum(2))
             else:
                 raise ValueError(f"unknown sequence method {method!r}; expected 'auto', 'ghost' or 'per_sample'")
+        self.rows = rows if rows and len(rows) == len(self.groups) else None
 
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
-        parts = [backend.backproject(A, G, u, self.bias is not None) for A, G in self.groups]
+        if self.rows is not None:  # Σ_ik u_ik P_ik: m·out·in instead of b·T·out·in
+            parts = [
+                (backend.backproject_per_sample(P, u), None if self.bias is None else torch.tensordot(u, G.to(u.dtype).sum(2), dims=2))
+                for P, (_, G) in zip(self.rows, self.groups)
+            ]
+        else:
+            parts = [backend.backproject(A, G, u, self.bias is not None) for A, G in self.groups]
         out = []
         if self.weight is not None:
-            out.append(concat([dW for dW, _ in parts], 0).view(self.weight.shape))
+            out.append(self._weight_view(concat([dW for dW, _ in parts], 0)))
         if self.bias is not None:
             out.append(concat([db for _, db in parts], 0))
         return out
+
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        vs = iter(v)
+        dW = next(vs) if self.weight is not None else None
+        db = next(vs) if self.bias is not None else None
+        if dW is not None:
+            dW = dW.T if self.transposed else dW.reshape(dW.shape[0], -1)
+        total = 0
+        for i, (A, G) in enumerate(self.groups):
+            n_out = G.shape[3]
+            rows = slice(i * n_out, (i + 1) * n_out)
+            db_g = None if db is None else db[rows]
+            if dW is None or self.rows is not None:  # bias: (J̃v)_ik = Σ_t G_ik,t · db
+                total = total + (0 if db_g is None else G.to(dtype).sum(2) @ db_g.to(dtype))
+            if dW is not None:
+                if self.rows is not None:
+                    total = total + backend.project_per_sample(self.rows[i], dW[rows], dtype)
+                else:
+                    total = total + backend.project(A, G, dW[rows], db_g, dtype)
+        return total
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         b, s = self.groups[0][1].shape[:2]
         out = []
         if self.weight is not None:
             P = concat([backend.per_sample_seq(A, G, dtype).flatten(3) for A, G in self.groups], 2)
-            out.append(P.view(b, s, *self.weight.shape))
+            out.append(P.transpose(2, 3) if self.transposed else P.view(b, s, *self.weight.shape))
         if self.bias is not None:
             out.append(concat([G.to(dtype).sum(2) for _, G in self.groups], 2))
         return out
@@ -139,15 +187,38 @@ class EmbeddingFactors(Factors):
     def __init__(self, weight: nn.Parameter, tokens: Tensor, G: Tensor):
         self.weight, self.tokens, self.G = weight, tokens, G
         self.params = [weight]
+        self.rows: Tensor | None = None  # P (b, s, num_embeddings, dim), kept by add_gram
+
+    def method(self) -> str:
+        """"ghost" (m²T²·dim) or "per_sample" (m·T·dim + m²·num_embeddings·dim, when its rows
+        fit in memory): a small table (positions, characters) is cheaper as per-sample rows."""
+        b, s, T, dim = self.G.shape
+        num = self.weight.shape[0]
+        if b * s * num * dim > _PER_SAMPLE_MAX_ELEMENTS or num >= T * T:
+            return "ghost"
+        return "per_sample"
 
     def add_gram(self, K: Tensor, backend: Backend) -> None:
-        backend.gram_embedding(K, self.tokens, self.G)
+        if self.method() == "ghost":
+            backend.gram_embedding(K, self.tokens, self.G)
+            return
+        P = backend.per_sample_embedding(self.tokens, self.G, self.weight.shape[0], K.dtype)
+        backend.gram_per_sample(K, P.flatten(2))
+        if P.numel() <= _KEEP_ROWS_FACTOR * self.G.numel():
+            self.rows = P
 
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
+        if self.rows is not None:
+            return [backend.backproject_per_sample(self.rows, u)]
         return [backend.backproject_embedding(self.tokens, self.G, u, self.weight.shape[0])]
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [backend.per_sample_embedding(self.tokens, self.G, self.weight.shape[0], dtype)]
+
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        if self.rows is not None:
+            return backend.project_per_sample(self.rows, v[0], dtype)
+        return backend.project_embedding(self.tokens, self.G, v[0], dtype)
 
 
 class PerSampleFactors(Factors):
@@ -164,6 +235,9 @@ class PerSampleFactors(Factors):
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [P.to(dtype) for P in self.P]
+
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        return sum(backend.project_per_sample(P, x, dtype) for P, x in zip(self.P, v))
 
 
 def merge_shared(factors: list[Factors], backend: Backend, dtype: torch.dtype) -> list[Factors]:

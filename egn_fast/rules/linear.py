@@ -1,5 +1,6 @@
-"""Rules for the dense / sequence / convolution family: nn.Linear on (b, in) or (b, *, in) and
-nn.Conv1d / nn.Conv2d (unfolded to the sequence case, T = output positions)."""
+"""Rules for the dense / sequence / convolution family: nn.Linear on (b, in) or (b, *, in),
+Hugging Face's Conv1D (GPT-2's transposed Linear: y = x W + b, W (in, out)) and nn.Conv1d /
+nn.Conv2d (unfolded to the sequence case, T = output positions)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ from torch import Tensor, nn
 
 from ..capture import ModuleCall
 from .factors import SeqFactors, concat
-from .registry import RuleContext, first_input, register_rule, used_calls
+from .registry import RuleContext, first_input, register_rule, register_rule_by_name, used_calls
 
-__all__ = ["linear_factors", "conv_factors"]
+__all__ = ["linear_factors", "conv1d_transposed_factors", "conv_factors"]
 
 
-@register_rule(nn.Linear)
-def linear_factors(module: nn.Linear, calls: list[ModuleCall], ctx: RuleContext) -> SeqFactors | None:
+def _positions(calls: list[ModuleCall], ctx: RuleContext) -> tuple[Tensor, Tensor] | None:
     """A (b, T, in) with every position of every call along T (T = 1 for (b, in) inputs),
-    G (b, s, T, out)."""
+    G (b, s, T, out); None when no call reaches the loss."""
     A_parts, G_parts = [], []
     for call, G in used_calls(calls):
         a = first_input(call, ctx)
@@ -24,8 +24,23 @@ def linear_factors(module: nn.Linear, calls: list[ModuleCall], ctx: RuleContext)
         G_parts.append(G.reshape(ctx.b, ctx.s, -1, G.shape[-1]))
     if not A_parts:
         return None
-    A, G = concat(A_parts, 1), concat(G_parts, 2)
-    return SeqFactors(ctx.trainable(module.weight), ctx.trainable(module.bias), [(A, G)], ctx.seq_method)
+    return concat(A_parts, 1), concat(G_parts, 2)
+
+
+@register_rule(nn.Linear)
+def linear_factors(module: nn.Linear, calls: list[ModuleCall], ctx: RuleContext) -> SeqFactors | None:
+    """A (b, T, in), G (b, s, T, out); weight (out, in)."""
+    AG = _positions(calls, ctx)
+    return None if AG is None else SeqFactors(ctx.trainable(module.weight), ctx.trainable(module.bias), [AG], ctx.seq_method)
+
+
+@register_rule_by_name("transformers.pytorch_utils", "Conv1D")
+def conv1d_transposed_factors(module: nn.Module, calls: list[ModuleCall], ctx: RuleContext) -> SeqFactors | None:
+    """Hugging Face's Conv1D (GPT-2): A (b, T, in), G (b, s, T, out); weight (in, out)."""
+    AG = _positions(calls, ctx)
+    return None if AG is None else SeqFactors(
+        ctx.trainable(module.weight), ctx.trainable(module.bias), [AG], ctx.seq_method, transposed=True
+    )
 
 
 def _unfold(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ __all__ = [
     "RuleContext",
     "Rule",
     "register_rule",
+    "register_rule_by_name",
     "unregister_rule",
     "rule_for",
     "registry_version",
@@ -87,6 +88,29 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
     return decorator
 
 
+# (module path, class name) -> rule, for classes of optional packages (Hugging Face's Conv1D):
+# registered on first sight of the class, so egn_fast never imports those packages itself.
+_BY_NAME: dict[tuple[str, str], Rule] = {}
+
+
+def register_rule_by_name(module: str, qualname: str) -> Callable[[Rule], Rule]:
+    """Decorator: like `register_rule`, for the class `qualname` of module `module` (e.g.
+    "transformers.pytorch_utils", "Conv1D"), without importing it. The rule takes effect the
+    first time a module of that class is planned, below any rule registered for it by type."""
+
+    def decorator(rule: Rule) -> Rule:
+        _BY_NAME[(module, qualname)] = rule
+        return rule
+
+    return decorator
+
+
+def _resolve_by_name(cls: type) -> None:
+    rule = _BY_NAME.pop((cls.__module__, cls.__qualname__), None)
+    if rule is not None:  # first in the list: a rule the user registered for the type stays in force
+        _RULES.setdefault(cls, []).insert(0, rule)
+
+
 def unregister_rule(module_type: type[nn.Module], rule: Rule) -> None:
     """Remove `rule` for `module_type`; the rule registered before it (if any) is in force again."""
     rules = _RULES.get(module_type, [])
@@ -106,6 +130,8 @@ def rule_for(module: nn.Module) -> Rule | None:
     registered forward, not the override.
     """
     for cls in type(module).__mro__:
+        if _BY_NAME:
+            _resolve_by_name(cls)
         rules = _RULES.get(cls)
         if rules:
             return rules[-1] if type(module).forward is cls.forward else None

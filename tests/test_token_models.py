@@ -1,0 +1,125 @@
+"""Per-token losses on Hugging Face GPT-2's stock forward (Conv1D rule, tied head, (1, T) position
+ids) and under bf16 autocast. The models are too wide for a d×d solve, so the oracle solves with
+the dense float64 J (torch.func) in the row space: the exact H through the push-through identity,
+Ĥ of the drawn labels through Woodbury on rows u_ijᵀJ_i built by autograd of F.cross_entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import egn_fast
+from egn_fast.rules import rule_for
+from egn_fast.rules.linear import conv1d_transposed_factors
+from oracle import dense_jacobian, rel_err, unflat
+from token_models import TinyGPT, randomize, token_data
+
+pytest.importorskip("transformers")
+
+V, T, LAM = 12, 4, 0.2
+
+
+class Logits(nn.Module):
+    """GPT2LMHeadModel's stock forward, its logits (b, T, V)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def tiny_gpt2(seed: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=V, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    model = Logits(GPT2LMHeadModel(cfg)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def token_ce(f: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1))
+
+
+def exact_oracle(model: nn.Module, ids: Tensor, y: Tensor, lam: float) -> list[Tensor]:
+    """d = −Jᵀ(QJJᵀ + λI)⁻¹∇L, Q = ∇²L and ∇L of the batch loss in the outputs (autograd)."""
+    out, J = dense_jacobian(model, ids)
+    value = lambda v: token_ce(v.view(out.shape[0], T, -1), y)
+    grad, Q = torch.func.grad(value)(out.reshape(-1)), torch.func.hessian(value)(out.reshape(-1))
+    M = Q @ (J @ J.T) + lam * torch.eye(J.shape[0], dtype=J.dtype)
+    return unflat(model, -(J.T @ torch.linalg.solve(M, grad)))
+
+
+def mc_oracle(model: nn.Module, ids: Tensor, y: Tensor, samples: Tensor, lam: float) -> list[Tensor]:
+    """d = −(UᵀU + λI)⁻¹g, U's rows u_ijᵀJ_i/√(N·k), u_ij the gradient of sequence i's summed
+    token losses at the drawn labels ŷ_ij (F.cross_entropy, ignore_index), by Woodbury."""
+    out, J = dense_jacobian(model, ids)
+    b, c = out.shape
+    k, N = samples.shape[0], int((y != -100).sum())
+    seq = lambda f, t: F.cross_entropy(f.view(T, -1), t, reduction="sum", ignore_index=-100)
+    U = torch.stack([J.view(b, c, -1)[i].T @ torch.func.grad(seq)(out[i], s[i]) for s in samples for i in range(b)])
+    U = U / (N * k) ** 0.5
+    g = J.T @ torch.func.grad(lambda v: token_ce(v.view(b, T, -1), y))(out.reshape(-1))
+    inner = torch.linalg.solve(U @ U.T + lam * torch.eye(U.shape[0], dtype=U.dtype), U @ g)
+    return unflat(model, -(g - U.T @ inner) / lam)
+
+
+def test_gpt2_uses_the_conv1d_rule():
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2(0)
+    conv = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(conv) == 8 and all(rule_for(m) is conv1d_transposed_factors for m in conv)
+
+
+@pytest.mark.parametrize("b", [2, T], ids=["b2", "T==b"])
+def test_gpt2_per_token_exact(b):
+    model = tiny_gpt2(1)
+    ids, y = token_data(b, T, V, 2, ignored=2)
+    d = egn_fast.direction(model, ids, y, loss="cross_entropy", damping=LAM)
+    assert rel_err(d, exact_oracle(model, ids, y, LAM)) < 1e-8
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gpt2_per_token_mc(k):
+    model = tiny_gpt2(3)
+    ids, y = token_data(3, T, V, 4, ignored=3)
+    info = egn_fast.direction_with_info(model, ids, y, loss="cross_entropy", damping=LAM, curvature="mc", mc_samples=k,
+                                        generator=torch.Generator().manual_seed(k))
+    assert rel_err(info.direction, mc_oracle(model, ids, y, info.samples, LAM)) < 1e-8
+
+
+def test_gpt2_trains_with_its_stock_forward():
+    """EGN(curvature="mc") with a closure over GPT2LMHeadModel's ModelOutput, next-token targets."""
+    model = tiny_gpt2(5).float()
+    ids, _ = token_data(8, T + 1, V, 6, ignored=0)
+    opt = egn_fast.EGN(model.lm, loss="cross_entropy", curvature="mc", mc_samples=2, damping=1.0, line_search="armijo")
+    closure = lambda: (model.lm(input_ids=ids[:, :-1]).logits, ids[:, 1:])
+    losses = [opt.step(closure=closure).loss for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_bf16_autocast_matches_fp32():
+    """Under torch.autocast(bfloat16) the Linear factors are bf16 and the Gram fp32: the direction
+    agrees with the fp32 one to bf16's precision (relative error < 5e-2; fp32 vs fp64 is ~1e-6)."""
+    torch.manual_seed(0)
+    model = randomize(TinyGPT(V, 16, 1, 2, 6), 4)
+    ids, y = token_data(3, 6, V, 7)
+    for curvature in ("exact", "mc"):
+        run = lambda: egn_fast.direction_with_info(model, ids, y, loss="cross_entropy", damping=0.5, curvature=curvature,
+                                                   generator=torch.Generator().manual_seed(0))
+        fp32 = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(ids).dtype == torch.bfloat16  # autocast does reach the model
+            bf16 = run()
+        err = rel_err(bf16.direction, fp32.direction)
+        assert 1e-5 < err < 5e-2, (curvature, err)  # bf16 did change the numbers, within its precision
+        assert all(d.dtype == torch.float32 for d in bf16.direction)
