@@ -5,9 +5,10 @@ parameters; no dropout.
 * `CharGPT(vocab, d, layers, heads, T)`: causal character language model. Token + position
   embeddings (positions: an arange(T) buffer, sliced to the input length, (t,) broadcast over
   the batch), pre-LN blocks (qkv as one Linear d → 3d, causal attention, output projection; GELU
-  MLP d → 4d → d), a final LayerNorm and a head tied to the token embedding
-  (logits = F.linear(h, wte.weight)); ids (b, t) → logits (b, t, vocab). `tie=False` gives an
-  untied nn.Linear head instead.
+  MLP d → 4d → d), a final LayerNorm and a head tied to the token embedding: an
+  nn.Linear(d, vocab, bias=False) whose weight *is* wte.weight, so logits = h @ wte.weightᵀ
+  (egn_fast refuses the functional form F.linear(h, wte.weight): a use of a parameter outside
+  its module's forward); ids (b, t) → logits (b, t, vocab). `tie=False`: a separate head weight.
 * `ReviewClassifier(vocab, classes, pad_id, d, layers, heads, T)`: the same blocks with
   bidirectional attention; padding (ids == pad_id) is masked out of the attention keys and of the
   mean-pool over tokens; a Linear head to the classes; ids (b, t) → logits (b, classes).
@@ -105,12 +106,14 @@ class CharGPT(_Trunk):
 
     def __init__(self, vocab: int, d: int = 128, layers: int = 2, heads: int = 4, T: int = 64, tie: bool = True) -> None:
         super().__init__(vocab, d, layers, heads, T, causal=True)
-        self.head = None if tie else nn.Linear(d, vocab, bias=False)
+        self.tie = tie
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tie:  # tied through a module: egn_fast refuses a functional F.linear(h, wte.weight)
+            self.head.weight = self.wte.weight
         _init(self, layers)
 
     def forward(self, ids: Tensor) -> Tensor:
-        h = self.features(ids)
-        return F.linear(h, self.wte.weight) if self.head is None else self.head(h)
+        return self.head(self.features(ids))
 
 
 class ReviewClassifier(_Trunk):

@@ -3,13 +3,15 @@ and 4 samples; empirical Fisher), plain, + momentum 0.9 (ema) and + adaptive dam
 AdamW and SGD with momentum 0.9, each tuned on a small grid.
 
 Model: CharGPT (benchmarks/char_gpt.py; d 128, 2 layers, 4 heads, T 64, head tied to the token
-embedding; `--untied` for a separate head), per-token cross-entropy (mean over the b·T tokens).
+embedding through an nn.Linear sharing its weight; `--untied` for a separate head), per-token cross-entropy (mean over the b·T tokens).
 Data: benchmarks/text_data.py (V = 64 characters, reviews split 80/10/10); mini-batches of
 b = 16 windows of T + 1 characters from the training stream, the same for every optimizer of a seed.
 
 Protocol, the same for every optimizer:
   1. tune: every grid point trains seed 0 for the step budget; the point with the lowest final
-     validation loss (diverged or failed runs last) is chosen. A chosen lr at the edge of an
+     validation loss (diverged or failed runs last) is chosen. EGN: the plain variant of each
+     curvature is tuned (lr x damping); its + momentum and + adaptive damping variants reuse
+     its choice. A chosen lr at the edge of an
      AdamW/SGD grid widens the grid by one value beyond it (up to 3 times);
   2. measure: the chosen point trains `--seeds` seeds (init, batches, MC samples).
 Validation loss (nats/char) on a fixed set of validation windows every `eval_every` steps, the
@@ -50,7 +52,7 @@ from text_bench import (EGN_HAS_CURVATURE, OptSpec, Run, breakdown_markdown, fin
                         plot_curves, points, results_json, run_all, step_breakdown, summarize, torch_specs, train)
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, BATCH, T = 300, 16, 64
+STEPS, BATCH, T = 200, 16, 64
 D, LAYERS, HEADS = 128, 2, 4
 EVALUATIONS = 15  # per run, evenly spaced in steps
 VAL_WINDOWS = TEST_WINDOWS = 128  # fixed windows of T + 1 characters

@@ -107,7 +107,8 @@ def test_char_gpt_is_causal_and_tied(mods):
     a, b = model(ids), model(changed)
     assert a.shape == (2, 16, 64)
     assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6) and not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-4)
-    assert model.head is None and not any(n.startswith("head") for n, _ in model.named_parameters())
+    assert model.head.weight is model.wte.weight and not any(n.startswith("head") for n, _ in model.named_parameters())
+    assert torch.allclose(a, model.features(ids) @ model.wte.weight.T, atol=1e-5)
 
 
 def test_tune_widens_an_edge_choice(mods):
