@@ -159,3 +159,17 @@ def test_review_classifier_quick_run(tmp_path, mods):
         assert _finite(summary) and 0 <= summary["accuracy"][0] <= 1
     egn = report["step_time"]["methods"]["egn"]
     assert egn["ratio_to_adamw"] > 1 and {"forward", "gram", "solve", "backproject"} <= set(egn["stages_s"])
+
+
+def test_make_egn_passes_the_curvature_contract(mods, monkeypatch):
+    tb = mods["text_bench"]
+    seen = []
+    monkeypatch.setattr(tb, "EGN", lambda model, **kw: seen.append(kw) or kw)
+    tb.make_egn(None, 3, curvature="mc", mc_samples=4, lr=0.5, damping=10.0, momentum=0.9)
+    tb.make_egn(None, 3, curvature="empirical", lr=1.0, damping=1.0, adaptive=True)
+    tb.make_egn(None, 3, curvature="exact", lr=1.0, damping=1.0)
+    mc, emp, exact = seen
+    assert mc["curvature"] == "mc" and mc["mc_samples"] == 4 and mc["momentum"] == 0.9 and mc["timings"]
+    assert mc["generator"].initial_seed() == 10_003 and mc["loss"] == "cross_entropy"
+    assert emp["curvature"] == "empirical" and "mc_samples" not in emp and emp["adaptive_damping"] is True
+    assert not {"curvature", "mc_samples", "generator"} & set(exact)
