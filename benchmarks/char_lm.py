@@ -60,10 +60,12 @@ KEYS = ["val_loss", "best_val_loss", "test_loss"]
 
 
 EGN_GRID = points(lr=[1.0], damping=[1.0, 10.0, 100.0])  # λ widened beyond an edge choice
+# With metric="adam" the step off the rows' span is Adam's g/(λD): λ plays 1/Adam's lr.
+METRIC_GRID = points(lr=[1.0], damping=[100.0, 300.0, 1000.0])
 
 
 def lm_specs() -> list[OptSpec]:
-    """The nine EGN variants of this benchmark, then AdamW and SGD. The plain variant of each
+    """The nine EGN variants of this benchmark, two with the Adam metric (egn_fast.metric), then AdamW and SGD. The plain variant of each
     curvature is tuned on EGN_GRID; its + momentum and + adaptive damping variants take its
     chosen (lr, λ) (λ as adaptive damping's λ₀), and tune on EGN_GRID only when it does not run."""
     specs = []
@@ -81,6 +83,17 @@ def lm_specs() -> list[OptSpec]:
         specs += [OptSpec(f"egn_{key}", f"EGN {label}", plain, EGN_GRID, quick, True, widen="damping"),
                   OptSpec(f"egn_{key}_mom", f"EGN {label} + momentum 0.9", mom, EGN_GRID, quick, True, inherit=f"egn_{key}"),
                   OptSpec(f"egn_{key}_ad", f"EGN {label} + adaptive damping", ad, EGN_GRID, quick, True, inherit=f"egn_{key}")]
+
+    def metric(model, seed, lr, damping):
+        return make_egn(model, seed, curvature="mc", lr=lr, damping=damping, metric="adam")
+
+    def metric_mom(model, seed, lr, damping):
+        return make_egn(model, seed, curvature="mc", lr=lr, damping=damping, metric="adam", momentum=0.9)
+
+    quick = {"lr": 1.0, "damping": 300.0}
+    specs += [OptSpec("egn_mc1_adam", "EGN MC k=1 + Adam metric", metric, METRIC_GRID, quick, True, widen="damping"),
+              OptSpec("egn_mc1_adam_mom", "EGN MC k=1 + Adam metric + momentum 0.9", metric_mom, METRIC_GRID, quick, True,
+                      inherit="egn_mc1_adam")]
     return specs + torch_specs([3e-4, 1e-3, 3e-3, 1e-2], [3e-2, 1e-1, 3e-1, 1.0], 3e-3, 1e-1)
 
 

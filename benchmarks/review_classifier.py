@@ -17,7 +17,7 @@ copies of one model and one batch, side by side (median ms, EGN's stages, EGN ÷
     PYTHONPATH=. .venv/bin/python benchmarks/review_classifier.py --data-dir DIR          # ~10-15 min on 2 cores
     PYTHONPATH=. .venv/bin/python benchmarks/review_classifier.py --data-dir DIR --quick  # smoke run (< 60 s)
 
-Writes <out>/review_classifier_cpu{,_quick}.{json,md,png}.
+Writes <out>/review_classifier_cpu{,_quick}{,_recommended}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     step_time = step_breakdown(lambda: make_model(0), makers, batch, F.cross_entropy, args.reps or (3 if args.quick else 20),
                                1 if args.quick else 2)
     test_y = split["test"][2]
-    tag = "cpu_quick" if args.quick else "cpu"
+    tag = ("cpu_quick" if args.quick else "cpu") + ("" if args.label == "rating" else f"_{args.label}")
     report: dict[str, Any] = {
         "machine": machine_info(),
         "settings": {"quick": args.quick, "label": args.label, "classes": classes, "steps": steps, "batch_size": args.batch_size,

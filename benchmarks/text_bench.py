@@ -68,7 +68,7 @@ def points(**axes: list[float]) -> list[dict[str, float]]:
 
 
 def make_egn(model: nn.Module, seed: int, *, curvature: str, mc_samples: int = 1, lr: float, damping: float,
-             momentum: float = 0.0, adaptive: bool = False) -> EGN:
+             momentum: float = 0.0, adaptive: bool = False, metric: str | None = None) -> EGN:
     """EGN with the curvature contract (curvature, mc_samples, generator: its own seeded stream);
     curvature="exact" passes none of them (the exact step, available before the contract)."""
     extra: dict[str, Any] = {}
@@ -76,6 +76,8 @@ def make_egn(model: nn.Module, seed: int, *, curvature: str, mc_samples: int = 1
         extra = dict(curvature=curvature, generator=torch.Generator().manual_seed(10_000 + seed))
         if curvature == "mc":
             extra["mc_samples"] = mc_samples
+    if metric is not None:
+        extra["metric"] = metric
     return EGN(model, loss="cross_entropy", lr=lr, damping=damping, momentum=momentum,
                adaptive_damping=adaptive, timings=True, **extra)
 
