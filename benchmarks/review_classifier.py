@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen_specs = [s for s in chosen_specs if s.name in names]
     steps = args.steps or (20 if args.quick else STEPS)
     seeds = list(range(1 if args.quick else args.seeds))
-    eval_every = max(1, steps // EVALUATIONS)
+    eval_every = max(1, steps // (5 if args.quick else EVALUATIONS))  # --quick: 5 evaluations
     try:
         corpus = text_data.load_corpus(args.data_dir)
     except text_data.DataMissing as err:
