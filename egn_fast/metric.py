@@ -18,6 +18,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from .checks import check_row_space
+from .errors import NonFiniteError
 from .row_space import RowSpaceSystem, WoodburySystem, project
 from .rules import PerSampleFactors
 
@@ -33,19 +35,21 @@ def check_metric(metric: str | None, beta: float, eps: float) -> None:
 
 def with_diagonal_metric(system: RowSpaceSystem, scale: list[Tensor]) -> RowSpaceSystem:
     """The system in the variables w' = D^{1/2}w, scale = D^{-1/2} (positive, shaped like
-    system.params). Its `solve_and_backproject` gives d' (multiply by `scale` for d), its
+    system.params); `system` may be built with gram=False (its own K is not used). Its `solve_and_backproject` gives d' (multiply by `scale` for d), its
     `gradient()` g' = scale ⊙ g; vectors v in the original variables enter as v / scale."""
-    if system.K is None:
-        raise ValueError("a metric needs the Gram: build the system with gram=True")
     dtype, ops = system.w.dtype, system.backend
+    m = system.w.shape[0]
+    check_row_space(system.b, system.s, dtype, system.w.device)
     by_id = {id(p): s.to(dtype) for p, s in zip(system.params, scale)}
     factors = [
         PerSampleFactors(f.params, [P * by_id[id(p)] for p, P in zip(f.params, f.per_sample_grads(ops, dtype))])
         for f in system.factors
     ]
-    K = torch.zeros_like(system.K)
+    K = torch.zeros(m, m, dtype=dtype, device=system.w.device)
     for f in factors:
         f.add_gram(K, ops)
+    if not torch.isfinite(K.diagonal().sum()):
+        raise NonFiniteError("the Gram has non-finite entries: some layer input, output-gradient or metric is nan/inf")
     if not isinstance(system, WoodburySystem):
         return replace(system, K=K, factors=factors)
     grad = [g * s.to(g.dtype) for g, s in zip(system.grad, scale)]

@@ -280,10 +280,12 @@ class EGN(torch.optim.Optimizer):
         return scale
 
     def _rows(self) -> dict[str, Any]:
-        """build_system's row-estimator options (none for the exact rows)."""
-        if self.curvature == "exact":
-            return {}
-        return dict(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
+        """build_system's row-estimator options (none for the exact rows without a metric; a
+        metric builds the Gram of its own rows, so the system is built without one)."""
+        options: dict[str, Any] = {} if self.metric is None else dict(gram=False)
+        if self.curvature != "exact":
+            options.update(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
+        return options
 
     def _momentum(self, params: list[nn.Parameter], d: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         """d̂ and the new momentum buffers (stored only if the step is accepted)."""

@@ -69,7 +69,7 @@ def main() -> None:
                 value = F.cross_entropy(out.reshape(-1, args.vocab), ids[:, 1:].reshape(-1))
                 value.backward()
                 opt.step()
-                loss = float(value)
+                loss = float(value.detach())
             times.append(time.perf_counter() - t0)
             losses.append(loss)
             if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:

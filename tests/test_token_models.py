@@ -124,3 +124,19 @@ def test_bf16_autocast_matches_fp32():
         err = rel_err(bf16.direction, fp32.direction)
         assert 1e-5 < err < 5e-2, (curvature, err)  # bf16 did change the numbers, within its precision
         assert all(d.dtype == torch.float32 for d in bf16.direction)
+
+
+def test_the_readme_gpt2_example_trains(tmp_path):
+    """examples/gpt2_egn.py as the README runs it (fewer steps): EGN's loss goes down and the step
+    times are printed."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "gpt2_egn.py"
+    out = subprocess.run([sys.executable, str(script), "--steps", "5", "--layers", "1", "--width", "32"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    egn = [float(x) for x in re.findall(r"egn_mc\s+step\s+\d+\s+loss (\S+)", out)]
+    assert len(egn) >= 2 and egn[-1] < egn[0]
+    assert re.search(r"ratio \d+\.\d+", out)
