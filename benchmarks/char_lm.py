@@ -32,9 +32,7 @@ skipped with a note.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +47,7 @@ import text_data  # noqa: E402
 from char_gpt import CharGPT  # noqa: E402
 from common import machine_info  # noqa: E402
 from text_bench import (EGN_HAS_CURVATURE, OptSpec, Run, breakdown_markdown, final_value, fmt, make_egn,  # noqa: E402
-                        plot_curves, points, results_json, run_all, step_breakdown, summarize, torch_specs, train)
+                        points, results_json, run_all, step_breakdown, summarize, torch_specs, train, write_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, T = 200, 16, 64
@@ -236,18 +234,9 @@ def main(argv: list[str] | None = None) -> None:
         "optimizers": results_json(results, KEYS), "step_time": step_time, "notes": notes,
         "verdict": verdict(results, labels),
     }
-    report["seconds"] = time.perf_counter() - started
-    report["machine"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())  # other processes on the machine
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, labels, [("val_loss", "validation loss (nats/char)")],
-                f"CharGPT on women's reviews ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
-                args.out / f"char_lm_{tag}.png")
-    table = markdown(report, labels)
-    (args.out / f"char_lm_{tag}.md").write_text(table)
-    (args.out / f"char_lm_{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(table)
-    print(f"wrote {args.out}/char_lm_{tag}.{{json,md,png}} ({report['seconds']:.0f} s)")
-
+    write_outputs(report, markdown, results, labels, [("val_loss", "validation loss (nats/char)")],
+                  f"CharGPT on women's reviews ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
+                  args.out, f"char_lm_{tag}", started)
 
 if __name__ == "__main__":
     main()

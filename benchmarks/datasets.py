@@ -58,7 +58,7 @@ def missing(data_dir: Path | None, name: str, arrays: tuple[str, ...]) -> str:
             f"or set {DATA_ENV}=DIR (sources: benchmarks/README.md, 'Data')")
 
 
-def _open(data_dir: Path | None, name: str, arrays: tuple[str, ...]) -> dict[str, np.ndarray]:
+def open_arrays(data_dir: Path | None, name: str, arrays: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The named arrays of the data file `name` (no pickles), or DataMissing saying what is needed."""
     path = data_file(data_dir, name)
     if path is None:
@@ -73,7 +73,7 @@ def _open(data_dir: Path | None, name: str, arrays: tuple[str, ...]) -> dict[str
 def california_housing(data_dir: Path | None = None, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """California Housing (20640 × 8), target median house value; X (n, 8), y (n, 1) standardized."""
     try:
-        arrays = _open(data_dir, "california_housing.npz", ("X", "y"))
+        arrays = open_arrays(data_dir, "california_housing.npz", ("X", "y"))
         X, y = arrays["X"], arrays["y"]
     except DataMissing as absent:
         from sklearn.datasets import fetch_california_housing
@@ -91,7 +91,7 @@ def diamonds(data_dir: Path | None = None, test_fraction: float = 0.1, seed: int
     target price, y (n, 1) standardized."""
     numeric = ("carat", "depth", "table", "x", "y", "z")
     categorical = ("cut", "color", "clarity")
-    cols = _open(data_dir, "diamonds.npz", numeric + categorical + ("price",))
+    cols = open_arrays(data_dir, "diamonds.npz", numeric + categorical + ("price",))
     one_hot = [(cols[c][:, None] == np.unique(cols[c])[None, :]).astype(np.float64) for c in categorical]
     X = np.concatenate([np.stack([cols[c] for c in numeric], 1)] + one_hot, 1)
     return prepare("diamonds", X, cols["price"], "regression", test_fraction, seed)
@@ -100,7 +100,7 @@ def diamonds(data_dir: Path | None = None, test_fraction: float = 0.1, seed: int
 def fashion_mnist(data_dir: Path | None = None) -> Dataset:
     """Fashion-MNIST with its official split: X (n, 784) pixels standardized per pixel with the
     training split's statistics (reshape to (n, 1, 28, 28) for a CNN), y (n,) class in 0..9."""
-    arrays = _open(data_dir, "fashion_mnist.npz", ("X_train", "y_train", "X_test", "y_test"))
+    arrays = open_arrays(data_dir, "fashion_mnist.npz", ("X_train", "y_train", "X_test", "y_test"))
     X_train = arrays["X_train"].reshape(len(arrays["X_train"]), -1).astype(np.float32) / 255
     X_test = arrays["X_test"].reshape(len(arrays["X_test"]), -1).astype(np.float32) / 255
     mean, std = X_train.mean(0), X_train.std(0)
@@ -134,7 +134,7 @@ def womens_reviews(
 
     The features take ~30 s on 2 cores; they are cached in `cache_dir` (None: no cache), keyed by
     a hash of the texts, the split and the seed."""
-    arrays = _open(data_dir, "womens_reviews.npz", ("text", "recommended"))
+    arrays = open_arrays(data_dir, "womens_reviews.npz", ("text", "recommended"))
     texts, labels = arrays["text"], arrays["recommended"]
     # The same shuffle and split as `prepare` below, so the SVD is fitted on training rows only.
     n_test = int(round(len(texts) * test_fraction))

@@ -23,9 +23,7 @@ Writes <out>/review_classifier_cpu{,_quick}{,_recommended}.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -40,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import text_data  # noqa: E402
 from char_gpt import ReviewClassifier  # noqa: E402
 from common import machine_info  # noqa: E402
-from text_bench import (OptSpec, Run, breakdown_markdown, final_value, fmt, make_egn, plot_curves, points,  # noqa: E402
-                        results_json, run_all, step_breakdown, summarize, torch_specs, train)
+from text_bench import (OptSpec, Run, breakdown_markdown, final_value, fmt, make_egn, points,  # noqa: E402
+                        results_json, run_all, step_breakdown, torch_specs, train, write_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, T = 200, 32, 64
@@ -161,18 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                      "grids": {s.name: s.grid for s in chosen_specs}, "labels": labels},
         "optimizers": results_json(results, KEYS), "step_time": step_time,
     }
-    report["seconds"] = time.perf_counter() - started
-    report["machine"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())  # other processes on the machine
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, labels, [("loss", "test loss"), ("accuracy", "test accuracy")],
-                f"ReviewClassifier, {args.label} ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
-                args.out / f"review_classifier_{tag}.png")
-    table = markdown(report, labels)
-    (args.out / f"review_classifier_{tag}.md").write_text(table)
-    (args.out / f"review_classifier_{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(table)
-    print(f"wrote {args.out}/review_classifier_{tag}.{{json,md,png}} ({report['seconds']:.0f} s)")
-
+    write_outputs(report, markdown, results, labels, [("loss", "test loss"), ("accuracy", "test accuracy")],
+                  f"ReviewClassifier, {args.label} ({steps} steps, b {args.batch_size}, T {T}; mean, min–max over seeds)",
+                  args.out, f"review_classifier_{tag}", started)
 
 if __name__ == "__main__":
     main()

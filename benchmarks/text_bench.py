@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -336,3 +338,19 @@ def results_json(results: dict[str, dict], keys: list[str]) -> dict[str, Any]:
                    "summary": summarize(res["seed_runs"], keys),
                    "tuning": [asdict(r) for r in res["tuning"]], "seed_runs": [asdict(r) for r in res["seed_runs"]]}
             for name, res in results.items()}
+
+
+def write_outputs(report: dict[str, Any], table: Callable[[dict[str, Any], dict[str, str]], str], results: dict[str, dict],
+                  labels: dict[str, str], metrics: list[tuple[str, str]], title: str, out: Path, stem: str, started: float) -> None:
+    """Finish the report (run seconds, the load average: other processes on the machine), write
+    <out>/<stem>.{png,md,json} (the plot of `metrics` vs step and seconds) and print the table."""
+    report["seconds"] = time.perf_counter() - started
+    report["machine"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, labels, metrics, title, out / f"{stem}.png")
+    text = table(report, labels)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(text)
+    print(f"wrote {out}/{stem}.{{json,md,png}} ({report['seconds']:.0f} s)")
+

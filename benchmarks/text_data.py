@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datasets import DataMissing, data_file, missing  # noqa: E402
+from datasets import DataMissing, open_arrays  # noqa: E402, F401 (DataMissing: what load_corpus raises)
 
 FILE = "womens_reviews.npz"
 ARRAYS = ("text", "recommended", "rating")
@@ -117,15 +117,8 @@ def corpus_from_arrays(texts: np.ndarray, labels: dict[str, np.ndarray],
 def load_corpus(data_dir: Path | None = None, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                 seed: int = 0) -> Corpus:
     """womens_reviews.npz from `data_dir` or $EGN_FAST_DATA as a `Corpus`; DataMissing if absent."""
-    path = data_file(data_dir, FILE)
-    if path is None:
-        raise DataMissing(missing(data_dir, FILE, ARRAYS))
-    with np.load(path, allow_pickle=False) as data:
-        absent = [a for a in ARRAYS if a not in data.files]
-        if absent:
-            raise ValueError(f"{path} lacks arrays {absent}; it holds {data.files}")
-        texts, labels = data["text"], {"rating": data["rating"], "recommended": data["recommended"]}
-    return corpus_from_arrays(texts, labels, fractions, seed)
+    data = open_arrays(data_dir, FILE, ARRAYS)
+    return corpus_from_arrays(data["text"], {"rating": data["rating"], "recommended": data["recommended"]}, fractions, seed)
 
 
 # --------------------------------------------------------------------------- language modelling
