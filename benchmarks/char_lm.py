@@ -47,7 +47,8 @@ import text_data  # noqa: E402
 from char_gpt import CharGPT  # noqa: E402
 from common import machine_info  # noqa: E402
 from text_bench import (EGN_HAS_CURVATURE, OptSpec, Run, breakdown_markdown, final_value, fmt, make_egn,  # noqa: E402
-                        points, results_json, run_all, step_breakdown, summarize, torch_specs, train, write_outputs)
+                        points, results_json, run_all, budget, chosen_cell, select_specs, step_breakdown, summarize, torch_specs, train,
+                        write_outputs, add_run_options)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, T = 200, 16, 64
@@ -127,10 +128,10 @@ def verdict(results: dict[str, dict], labels: dict[str, str]) -> str:
         e = min(egn, key=egn.get)
         text.append(f"Best EGN variant {labels[e]}: {egn[e]:.3f} vs AdamW {done['adamw']:.3f} after the same steps; "
                     f"EGN took {finals[e]['seconds']:.0f} s of training, AdamW {finals['adamw']['seconds']:.0f} s.")
-        budget = finals["adamw"]["seconds"]
+        adamw_seconds = finals["adamw"]["seconds"]
         runs = [r for r in results[e]["seed_runs"] if not r.stopped]
-        at = [min((v for v, t in zip(r.curve["val_loss"], r.curve["seconds"]) if t <= budget), default=math.nan) for r in runs]
-        text.append(f"Within AdamW's {budget:.0f} s, EGN ({labels[e]}) reached {sum(at) / len(at):.3f} (mean best so far).")
+        at = [min((v for v, t in zip(r.curve["val_loss"], r.curve["seconds"]) if t <= adamw_seconds), default=math.nan) for r in runs]
+        text.append(f"Within AdamW's {adamw_seconds:.0f} s, EGN ({labels[e]}) reached {sum(at) / len(at):.3f} (mean best so far).")
     return " ".join(text)
 
 
@@ -143,8 +144,7 @@ def markdown(report: dict[str, Any], labels: dict[str, str]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, res in report["optimizers"].items():
         sm = res["summary"]
-        chosen = ", ".join(f"{k} {v:g}" for k, v in res["chosen"].items()) + (" *" if res["chosen_at_grid_edge"] else "")
-        chosen += f" (from {res['inherited_from']})" if res["inherited_from"] else ""
+        chosen = chosen_cell(res)
         stop = f" ({len(sm['stopped'])} stopped)" if sm["stopped"] else ""
         lines.append(f"| {labels[name]}{stop} | {chosen} | {fmt(sm['val_loss'])} | {fmt(sm['best_val_loss'])} | "
                      f"{fmt(sm['test_loss'])} | {sm.get('seconds', math.nan):.1f} | {sm.get('steps_per_s', math.nan):.1f} |")
@@ -158,34 +158,17 @@ def markdown(report: dict[str, Any], labels: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps, 1 seed, 1 grid point, 3 timed steps (plain EGN variants only)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per chosen point (default 3)")
-    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {STEPS}; --quick 10)")
-    parser.add_argument("--optimizers", default=None, help="comma list (default: all)")
-    parser.add_argument("--data-dir", type=Path, default=None, help=f"directory with {text_data.FILE} (default: $EGN_FAST_DATA)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
+    add_run_options(parser, STEPS, 10, text_data.FILE, BATCH, REPO / "benchmarks" / "results")
     parser.add_argument("--untied", action="store_true", help="a separate nn.Linear head instead of the tied embedding")
     parser.add_argument("--d", type=int, default=D, help=f"model width (default {D})")
     parser.add_argument("--layers", type=int, default=LAYERS, help=f"blocks (default {LAYERS})")
-    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"mini-batch size (default {BATCH})")
-    parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer in the step-time table (20; --quick 3)")
     args = parser.parse_args(argv)
-    specs, notes = lm_specs(), {}
-    if args.optimizers:
-        names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-        unknown = set(names) - {s.name for s in specs}
-        if unknown:
-            raise SystemExit(f"char_lm.py: unknown optimizers {sorted(unknown)}; choose from {[s.name for s in specs]}")
-        specs = [s for s in specs if s.name in names]
+    specs, notes = select_specs(lm_specs(), args.optimizers, "char_lm.py"), {}
     if not EGN_HAS_CURVATURE:
         notes.update({s.name: "skipped: this egn_fast.EGN has no curvature= argument" for s in specs if s.egn})
         specs = [s for s in specs if not s.egn]
-    steps = args.steps or (10 if args.quick else STEPS)
-    seeds = list(range(1 if args.quick else args.seeds))
-    eval_every = max(1, steps // (5 if args.quick else EVALUATIONS))  # --quick: 5 evaluations
-    try:
-        corpus = text_data.load_corpus(args.data_dir)
-    except text_data.DataMissing as err:
-        raise SystemExit(f"char_lm.py: {err}") from None
+    steps, seeds, eval_every = budget(args, STEPS, 10, EVALUATIONS)
+    corpus = text_data.corpus_or_exit(args.data_dir, "char_lm.py")
     vocab, train_stream = corpus.vocab.size, corpus.streams["train"]
     val = text_data.fixed_windows(corpus.streams["val"], VAL_WINDOWS, T, seed=1234)
     test = text_data.fixed_windows(corpus.streams["test"], TEST_WINDOWS, T, seed=4321)

@@ -39,7 +39,8 @@ import text_data  # noqa: E402
 from char_gpt import ReviewClassifier  # noqa: E402
 from common import machine_info  # noqa: E402
 from text_bench import (OptSpec, Run, breakdown_markdown, final_value, fmt, make_egn, points,  # noqa: E402
-                        results_json, run_all, step_breakdown, torch_specs, train, write_outputs)
+                        results_json, run_all, budget, chosen_cell, select_specs, step_breakdown, torch_specs, train, write_outputs,
+                        add_run_options)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, T = 200, 32, 64
@@ -87,7 +88,7 @@ def markdown(report: dict[str, Any], labels: dict[str, str]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, res in report["optimizers"].items():
         sm = res["summary"]
-        chosen = ", ".join(f"{k} {v:g}" for k, v in res["chosen"].items()) + (" *" if res["chosen_at_grid_edge"] else "")
+        chosen = chosen_cell(res)
         stop = f" ({len(sm['stopped'])} stopped)" if sm["stopped"] else ""
         lines.append(f"| {labels[name]}{stop} | {chosen} | {fmt(sm['loss'])} | {fmt(sm['accuracy'])} | "
                      f"{fmt(sm['best_accuracy'])} | {sm.get('seconds', math.nan):.1f} | {sm.get('steps_per_s', math.nan):.1f} |")
@@ -99,28 +100,12 @@ def markdown(report: dict[str, Any], labels: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 seed, 1 grid point, 3 timed steps")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per chosen point (default 3)")
-    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {STEPS}; --quick 20)")
+    add_run_options(parser, STEPS, 20, text_data.FILE, BATCH, REPO / "benchmarks" / "results")
     parser.add_argument("--label", default="rating", choices=sorted(text_data.LABELS), help="target (default rating)")
-    parser.add_argument("--optimizers", default=None, help="comma list (default: egn,adamw,sgd)")
-    parser.add_argument("--data-dir", type=Path, default=None, help=f"directory with {text_data.FILE} (default: $EGN_FAST_DATA)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
-    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"mini-batch size (default {BATCH})")
-    parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer in the step-time table (20; --quick 3)")
     args = parser.parse_args(argv)
-    chosen_specs = specs()
-    if args.optimizers:
-        names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-        if set(names) - {s.name for s in chosen_specs}:
-            raise SystemExit(f"review_classifier.py: unknown optimizers in {names}; choose from egn, adamw, sgd")
-        chosen_specs = [s for s in chosen_specs if s.name in names]
-    steps = args.steps or (20 if args.quick else STEPS)
-    seeds = list(range(1 if args.quick else args.seeds))
-    eval_every = max(1, steps // (5 if args.quick else EVALUATIONS))  # --quick: 5 evaluations
-    try:
-        corpus = text_data.load_corpus(args.data_dir)
-    except text_data.DataMissing as err:
-        raise SystemExit(f"review_classifier.py: {err}") from None
+    chosen_specs = select_specs(specs(), args.optimizers, "review_classifier.py")
+    steps, seeds, eval_every = budget(args, STEPS, 20, EVALUATIONS)
+    corpus = text_data.corpus_or_exit(args.data_dir, "review_classifier.py")
     split = {k: text_data.review_tensors(corpus, k, T, args.label) for k in ("train", "val", "test")}
     classes = text_data.LABELS[args.label]
     train_ids, _, train_y = split["train"]

@@ -354,3 +354,38 @@ def write_outputs(report: dict[str, Any], table: Callable[[dict[str, Any], dict[
     print(text)
     print(f"wrote {out}/{stem}.{{json,md,png}} ({report['seconds']:.0f} s)")
 
+
+def add_run_options(parser: Any, steps: int, quick_steps: int, data_file: str, batch: int, out: Path) -> None:
+    """The options both text benchmarks take: --seeds, --steps, --optimizers, --data-dir, --out,
+    --batch-size, --reps (--quick and the script's own options are added by the script)."""
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per chosen point (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {steps}; --quick {quick_steps})")
+    parser.add_argument("--optimizers", default=None, help="comma list (default: all)")
+    parser.add_argument("--data-dir", type=Path, default=None, help=f"directory with {data_file} (default: $EGN_FAST_DATA)")
+    parser.add_argument("--out", type=Path, default=out, help="output directory")
+    parser.add_argument("--batch-size", type=int, default=batch, help=f"mini-batch size (default {batch})")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer in the step-time table (20; --quick 3)")
+
+
+def select_specs(specs: list[OptSpec], optimizers: str | None, script: str) -> list[OptSpec]:
+    """The specs named in the comma list `optimizers` (all when None); SystemExit naming the choices."""
+    if not optimizers:
+        return specs
+    names = [n.strip() for n in optimizers.split(",") if n.strip()]
+    unknown = set(names) - {s.name for s in specs}
+    if unknown:
+        raise SystemExit(f"{script}: unknown optimizers {sorted(unknown)}; choose from {[s.name for s in specs]}")
+    return [s for s in specs if s.name in names]
+
+
+def budget(args: Any, steps: int, quick_steps: int, evaluations: int) -> tuple[int, list[int], int]:
+    """(steps per run, seeds, steps between evaluations) from --steps/--seeds/--quick (5 evaluations)."""
+    n = args.steps or (quick_steps if args.quick else steps)
+    return n, list(range(1 if args.quick else args.seeds)), max(1, n // (5 if args.quick else evaluations))
+
+
+def chosen_cell(res: dict[str, Any]) -> str:
+    """A results table's "chosen" cell: the grid point, `*` at a grid edge, the spec it came from."""
+    cell = ", ".join(f"{k} {v:g}" for k, v in res["chosen"].items()) + (" *" if res["chosen_at_grid_edge"] else "")
+    return cell + (f" (from {res['inherited_from']})" if res.get("inherited_from") else "")
+

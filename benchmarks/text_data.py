@@ -114,6 +114,14 @@ def corpus_from_arrays(texts: np.ndarray, labels: dict[str, np.ndarray],
     return Corpus(texts, labels, rows, vocab, {k: vocab.encode(s) for k, s in joined.items()})
 
 
+def corpus_or_exit(data_dir: Path | None, script: str) -> "Corpus":
+    """`load_corpus`, or SystemExit with DataMissing's one line prefixed by the script's name."""
+    try:
+        return load_corpus(data_dir)
+    except DataMissing as err:
+        raise SystemExit(f"{script}: {err}") from None
+
+
 def load_corpus(data_dir: Path | None = None, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                 seed: int = 0) -> Corpus:
     """womens_reviews.npz from `data_dir` or $EGN_FAST_DATA as a `Corpus`; DataMissing if absent."""
