@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .capture import Closure, Inputs, forward_of
 from .checks import LossSpec, check_damping, check_model, check_params_in_model, resolve_loss
+from .curvature import check_curvature
 from .step_info import StepInfo
 from .system import build_system
 
@@ -25,6 +26,7 @@ class EGNPreconditioner:
         precond.step(x, y); opt.step()
 
     Returns a StepInfo (loss, λ, ‖d‖, jitter); λ stays fixed unless changed via `damping`.
+    curvature / mc_samples / generator as for `egn_fast.direction` (egn_fast.curvature).
     """
 
     def __init__(
@@ -38,8 +40,14 @@ class EGNPreconditioner:
         seq_method: str = "auto",
         timings: bool = False,
         params: Iterable[nn.Parameter] | None = None,
+        curvature: str = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.damping = check_damping(damping)
+        check_curvature(curvature, mc_samples, generator, self.damping)
+        # the row estimator's options for build_system (egn_fast.curvature); none for the exact rows
+        self.rows = {} if curvature == "exact" else dict(curvature=curvature, mc_samples=mc_samples, generator=generator)
         self.params = [p for p in (check_model(model).parameters() if params is None else params) if p.requires_grad]
         check_params_in_model(model, self.params)
         self.model = model
@@ -51,7 +59,7 @@ class EGNPreconditioner:
         """Set p.grad = −d for every parameter (d the EGN direction on this batch)."""
         system = build_system(
             self.model, closure=forward_of(self.model, inputs, targets, closure), params=self.params,
-            loss=self.loss_fn, backend=self.backend, seq_method=self.seq_method, timings=self.timings,
+            loss=self.loss_fn, backend=self.backend, seq_method=self.seq_method, timings=self.timings, **self.rows,
         )
         sol, d = system.solve_and_backproject(self.damping, self.solve_dtype)
         for p, x in zip(system.params, d):  # d is in model order, which self.params need not follow

@@ -264,3 +264,15 @@ def test_mc_rows_in_chunks_equal_one_call(monkeypatch):
     monkeypatch.setattr(curvature, "_CHUNK_ELEMENTS", 2 * 3 * T * V)  # 2 draws per chunk: 3 chunks
     chunked = rows_for(loss, f, y, "mc", 5, torch.Generator().manual_seed(2)).head.S
     assert torch.equal(whole, chunked)
+
+
+def test_preconditioner_with_mc_rows_writes_minus_the_direction():
+    model = randomize(TinyGPT(V, 8, 1, 2, T).double(), 9)
+    ids, y = token_data(3, T, V, 10)
+    want = egn_fast.direction(model, ids, y, loss="cross_entropy", damping=0.5, curvature="mc", mc_samples=2,
+                              generator=torch.Generator().manual_seed(4))
+    egn_fast.EGNPreconditioner(model, loss="cross_entropy", damping=0.5, curvature="mc", mc_samples=2,
+                               generator=torch.Generator().manual_seed(4)).step(ids, y)
+    assert all(torch.equal(p.grad, -d) for p, d in zip(model.parameters(), want))
+    with pytest.raises(ValueError, match="needs damping > 0"):
+        egn_fast.EGNPreconditioner(model, loss="cross_entropy", damping=0.0, curvature="mc")
