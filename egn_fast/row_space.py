@@ -145,7 +145,8 @@ class RowSpaceSystem:
 class WoodburySystem(RowSpaceSystem):
     """Rows that do not span g (Monte-Carlo): d = −(Ĥ + λI)⁻¹g, Ĥ = (1/b)J̃ᵀJ̃, by Woodbury.
 
-    w = J̃g (m,) is the solve's right-hand side: γ = (K + bλI)⁻¹J̃g, d = −(g − J̃ᵀγ)/λ (λ > 0:
+    w = J̃g (m,) is the solve's right-hand side (zeros when built with gram=False: no solve, no
+    J̃g; `egn_fast.metric` forms its own): γ = (K + bλI)⁻¹J̃g, d = −(g − J̃ᵀγ)/λ (λ > 0:
     Ĥ has rank ≤ m). grad: g, shaped like `params`; grad_norm2 = ‖g‖². By-products with z = J̃g:
     gᵀd = −(‖g‖² − zᵀγ)/λ, J̃d = −(z − Kγ)/λ so dᵀĤd = ‖z − Kγ‖²/(bλ²),
     ‖d‖² = (‖g‖² − 2zᵀγ + γᵀKγ)/λ².

@@ -60,7 +60,8 @@ def build_system(
     seq_method: "auto" (cost model per layer) | "ghost" | "per_sample" for sequence layers.
     gram=False stops after the layer factors (K is None): for callers that only need J̃ᵀu
     (`backproject`) and J̃v (`row_jvp`), it saves the Σ_l (m²·out_l + b²·in_l) Gram work and the
-    m×m memory. Non-finite factors are then not detected here (the Gram's diagonal is the check).
+    m×m memory (and, for Monte-Carlo rows, the J̃g of the right-hand side). Non-finite factors
+    are then not detected here (the Gram's diagonal is the check).
     curvature: "exact" | "mc" (mc_samples rows per sample drawn with `generator`; a
     WoodburySystem) | "empirical" (egn_fast.curvature).
     The model's parameters, buffers and .grad fields are left untouched.
@@ -123,8 +124,10 @@ def build_system(
         if grad is None:
             w = head.w.reshape(-1).to(acc_dtype)
             return RowSpaceSystem(params, K, w, b, s, head, factors, ops, clock, rows.samples)
-        with clock("project"):
-            z = project(factors, params, grad, ops, acc_dtype, (b, s))
+        z = torch.zeros(b, s, dtype=acc_dtype, device=device)  # gram=False: no solve, so no J̃g (e.g. a metric's own)
+        if gram:
+            with clock("project"):
+                z = project(factors, params, grad, ops, acc_dtype, (b, s))
         norm2 = float(sum((g.double().square().sum() for g in grad), torch.zeros((), dtype=torch.float64)))
         return WoodburySystem(params, K, z.reshape(-1), b, s, head, factors, ops, clock, rows.samples, grad, norm2)
 
