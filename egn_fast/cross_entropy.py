@@ -113,17 +113,16 @@ class CrossEntropyLoss(Loss):
     def curvature_scale(self, outputs: Tensor, targets: Tensor) -> float:
         return 1.0 if targets.dim() == 1 else _token_scale(targets)
 
-    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """p − e_y per sample, or per counted token scaled by b/N (zero for ignored tokens)."""
         with torch.no_grad():
-            if targets.dim() == 1:
-                p = torch.softmax(outputs, 1)
-                return self.per_sample(outputs, targets), p.scatter_add(1, targets[:, None], -torch.ones_like(p[:, :1]))
-            b, T = targets.shape
-            counted = targets != IGNORE_INDEX
+            tokens = targets[:, None] if targets.dim() == 1 else targets  # (b,) is one token per sample
+            b, T = tokens.shape
             p = torch.softmax(outputs.reshape(b, T, -1), 2)
-            r = p.scatter_add(2, targets.clamp(min=0)[..., None], -torch.ones_like(p[..., :1]))
-            r = torch.where(counted[..., None], r, 0.0) * _token_scale(targets)
-            return self.per_sample(outputs, targets), r.view(b, -1)
+            r = p.scatter_add(2, tokens.clamp(min=0)[..., None], -torch.ones_like(p[..., :1]))
+            if targets.dim() == 2:
+                r = torch.where((tokens != IGNORE_INDEX)[..., None], r, 0.0) * _token_scale(targets)
+            return r.view(b, -1)
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """ŷ ~ softmax(f) per sample, or per counted token (ignored tokens stay ignore_index):

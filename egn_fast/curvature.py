@@ -1,4 +1,4 @@
-"""Row estimators: which rows J̃ = SᵀJ stand for the curvature H (docs/design.md §1.2).
+"""Row estimators: which rows J̃ = SᵀJ stand for the curvature H (docs/design.md §1.1).
 
     curvature="exact"      S_i S_iᵀ = Q_i, the loss's own factor (s = c − 1 for cross-entropy,
                            T·(V−1) per token): H exactly, g in the rows' span.
@@ -74,7 +74,7 @@ def rows_for(
     if curvature == "exact":
         return Rows(loss.head(outputs, targets, backend), None)
     with torch.no_grad():
-        per_sample, r = loss.residual(outputs, targets)
+        per_sample, r = loss.per_sample(outputs, targets), loss.residual(outputs, targets)
         a = loss.curvature_scale(outputs, targets)
         if curvature == "empirical":
             w = torch.full((r.shape[0], 1), a**0.5, dtype=r.dtype, device=r.device)
@@ -87,6 +87,6 @@ def rows_for(
         step = max(1, _CHUNK_ELEMENTS // (b * c))
         for j in range(0, mc_samples, step):
             y = samples[j : j + step]
-            drawn = loss.residual(outputs.repeat(len(y), 1), y.reshape(len(y) * b, *y.shape[2:]))[1]
+            drawn = loss.residual(outputs.repeat(len(y), 1), y.reshape(len(y) * b, *y.shape[2:]))
             S[:, :, j : j + len(y)] = drawn.view(len(y), b, c).permute(1, 2, 0)
         return Rows(LossHead(per_sample, r, S / (a * mc_samples) ** 0.5, None), samples)

@@ -62,8 +62,8 @@ def direction_with_info(
     check_curvature(curvature, mc_samples, generator, damping)
     mode = check_mode(process_group, distributed)
     build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
-    options = {} if curvature == "exact" else dict(curvature=curvature, mc_samples=mc_samples, generator=generator)
-    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings, **options)
+    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings,
+                   curvature=curvature, mc_samples=mc_samples, generator=generator)
     sol, d = system.solve_and_backproject(damping, solve_dtype)
     return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings, getattr(system, "samples", None))
 

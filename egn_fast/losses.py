@@ -103,10 +103,9 @@ class Loss:
         """Return r (b, c) and S (b, c, s) with S_i S_iᵀ = ∂²ℓ_i/∂f_i²."""
         raise NotImplementedError
 
-    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """(ℓ (b,), r (b, c)) without the Hessian factor (the estimated curvatures need only r)."""
-        head = self.head(outputs, targets)
-        return head.per_sample, head.r
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """r (b, c) without the Hessian factor (the estimated curvatures need only r)."""
+        return self.head(outputs, targets).r
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """k targets per sample drawn from the model's predictive distribution at `outputs`:
@@ -143,9 +142,8 @@ class MSELoss(Loss):
             S = torch.eye(c, dtype=outputs.dtype, device=outputs.device).expand(b, c, c)
             return LossHead(0.5 * r.square().sum(1), r, S, r)
 
-    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        r = outputs - targets
-        return 0.5 * r.square().sum(1), r
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return outputs - targets
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """ŷ = f + ε, ε ~ N(0, I) (the Gaussian the squared error is the log-likelihood of): r = −ε."""
@@ -179,8 +177,8 @@ class BCEWithLogitsLoss(Loss):
             r = p - targets
             return LossHead(self.per_sample(outputs, targets), r, torch.diag_embed(sqrt_q), r / sqrt_q)
 
-    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return self.per_sample(outputs, targets), torch.sigmoid(outputs) - targets
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return torch.sigmoid(outputs) - targets
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """ŷ ~ Bernoulli(σ(f)) per output, as 0.0/1.0."""
@@ -219,10 +217,9 @@ class AutogradLoss(Loss):
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.func.vmap(self.fn)(outputs, targets)
 
-    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
         y = targets.double() if targets.is_floating_point() else targets
-        r = torch.func.vmap(torch.func.grad(self.fn))(outputs.detach().double(), y)
-        return self.per_sample(outputs, targets), r.to(outputs.dtype)
+        return torch.func.vmap(torch.func.grad(self.fn))(outputs.detach().double(), y).to(outputs.dtype)
 
     def residual_and_factor(
         self, outputs: Tensor, targets: Tensor, backend: Backend | None = None
@@ -285,10 +282,8 @@ class ScaledLoss(Loss):
     def check_output_shape(self, shape: tuple[int, ...], targets: object) -> None:
         self.base.check_output_shape(shape, targets)
 
-    def residual(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        per_sample, r = self.base.residual(outputs, targets)
-        a = self.scale(outputs)
-        return a * per_sample, a * r
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.scale(outputs) * self.base.residual(outputs, targets)
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         return self.base.sample_targets(outputs, targets, k, generator)

@@ -1,4 +1,4 @@
-"""A diagonal metric for the LM step: d = −(H + λD)⁻¹g with D > 0 diagonal (docs/design.md §1.2).
+"""A diagonal metric for the LM step: d = −(H + λD)⁻¹g with D > 0 diagonal (docs/design.md §1.1).
 
 With Monte-Carlo rows the plain λI damping makes the step −g/λ off the rows' span (SGD-like);
 a metric D from Adam's second moment (D = √v̂ + ε, `EGN(metric="adam")`) scales that part like
@@ -22,6 +22,7 @@ from .checks import check_row_space
 from .errors import NonFiniteError
 from .row_space import RowSpaceSystem, WoodburySystem, project
 from .rules import PerSampleFactors
+from .solve import dot
 
 __all__ = ["check_metric", "with_diagonal_metric", "adam_metric"]
 
@@ -35,8 +36,9 @@ def check_metric(metric: str | None, beta: float, eps: float) -> None:
 
 def with_diagonal_metric(system: RowSpaceSystem, scale: list[Tensor]) -> RowSpaceSystem:
     """The system in the variables w' = D^{1/2}w, scale = D^{-1/2} (positive, shaped like
-    system.params); `system` may be built with gram=False (its own K is not used). Its `solve_and_backproject` gives d' (multiply by `scale` for d), its
-    `gradient()` g' = scale ⊙ g; vectors v in the original variables enter as v / scale."""
+    system.params); `system` may be built with gram=False (its own K is not used). Its
+    `solve_and_backproject` gives d' (multiply by `scale` for d), its `gradient()` g' = scale ⊙ g;
+    vectors v in the original variables enter as v / scale."""
     dtype, ops = system.w.dtype, system.backend
     m = system.w.shape[0]
     check_row_space(system.b, system.s, dtype, system.w.device)
@@ -54,8 +56,7 @@ def with_diagonal_metric(system: RowSpaceSystem, scale: list[Tensor]) -> RowSpac
         return replace(system, K=K, factors=factors)
     grad = [g * s.to(g.dtype) for g, s in zip(system.grad, scale)]
     z = project(factors, system.params, grad, ops, dtype, (system.b, system.s)).reshape(-1)
-    norm2 = float(sum(g.double().square().sum() for g in grad))
-    return replace(system, K=K, factors=factors, w=z, grad=grad, grad_norm2=norm2)
+    return replace(system, K=K, factors=factors, w=z, grad=grad, grad_norm2=dot(grad, grad))
 
 
 def adam_metric(v: Tensor | None, g: Tensor, beta: float, eps: float, t: int) -> tuple[Tensor, Tensor]:

@@ -280,12 +280,10 @@ class EGN(torch.optim.Optimizer):
         return scale
 
     def _rows(self) -> dict[str, Any]:
-        """build_system's row-estimator options (none for the exact rows without a metric; a
-        metric builds the Gram of its own rows, so the system is built without one)."""
-        options: dict[str, Any] = {} if self.metric is None else dict(gram=False)
-        if self.curvature != "exact":
-            options.update(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
-        return options
+        """build_system's row-estimator options; a metric builds the Gram of its own rows, so the
+        system is then built without one."""
+        options: dict[str, Any] = dict(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
+        return options if self.metric is None else {**options, "gram": False}
 
     def _momentum(self, params: list[nn.Parameter], d: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         """d̂ and the new momentum buffers (stored only if the step is accepted)."""
@@ -322,9 +320,9 @@ class EGN(torch.optim.Optimizer):
 
 def _curvature(system: RowSpaceSystem, forward: Closure, steps: list[Tensor]) -> float:
     """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² = ‖J̃s‖²/b at the current parameters (steps ordered like
-    system.params); J̃s from the layer factors, or by `row_jvp` (two reverse passes through the
-    model: no double backward through e.g. CPU attention kernels) for custom factors without
-    `project` (the same number)."""
+    system.params); J̃s from the layer factors (no model run, and no double backward, which CPU
+    attention kernels lack), or, for custom factors without `project`, by `row_jvp` (two reverse
+    passes through the model; the same number)."""
     try:
         rows = system.project(steps)
     except NotImplementedError:

@@ -46,8 +46,7 @@ class EGNPreconditioner:
     ) -> None:
         self.damping = check_damping(damping)
         check_curvature(curvature, mc_samples, generator, self.damping)
-        # the row estimator's options for build_system (egn_fast.curvature); none for the exact rows
-        self.rows = {} if curvature == "exact" else dict(curvature=curvature, mc_samples=mc_samples, generator=generator)
+        self.rows = dict(curvature=curvature, mc_samples=mc_samples, generator=generator)  # build_system's (egn_fast.curvature)
         self.params = [p for p in (check_model(model).parameters() if params is None else params) if p.requires_grad]
         check_params_in_model(model, self.params)
         self.model = model

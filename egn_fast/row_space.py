@@ -156,15 +156,10 @@ class WoodburySystem(RowSpaceSystem):
     grad_norm2: float = 0.0
 
     def solve(self, damping: float, solve_dtype: torch.dtype | None = None) -> Solution:
-        if check_damping(damping) == 0:
-            raise ValueError(
-                "curvature='mc' needs damping > 0: its estimate Ĥ = J̃ᵀJ̃/b has rank ≤ b·mc_samples, so Ĥ + λI is "
-                "singular at λ = 0"
-            )
-        return super().solve(damping, solve_dtype)
+        return super().solve(_positive(damping), solve_dtype)
 
     def solve_eigen(self, eig: EigenSolver, damping: float) -> Solution:
-        return self.solve(damping) if check_damping(damping) == 0 else super().solve_eigen(eig, damping)
+        return super().solve_eigen(eig, _positive(damping))
 
     def _solution(self, damping: float, gamma: Tensor, jitter: float) -> Solution:
         Kg = (self._gram() @ gamma).double()
@@ -185,6 +180,16 @@ class WoodburySystem(RowSpaceSystem):
 
     def gradient(self) -> list[Tensor]:
         return [g.clone() for g in self.grad]
+
+
+def _positive(damping: float) -> float:
+    """λ > 0, which Woodbury's (1/λ) needs."""
+    if check_damping(damping) == 0:
+        raise ValueError(
+            "curvature='mc' needs damping > 0: its estimate Ĥ = J̃ᵀJ̃/b has rank ≤ b·mc_samples, so Ĥ + λI is "
+            "singular at λ = 0"
+        )
+    return damping
 
 
 def project(

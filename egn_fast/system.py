@@ -30,6 +30,7 @@ from .plan import Plan, check_inputs, collect_trainable
 from .row_space import RowSpaceSystem, Solution, WoodburySystem, project
 from .rules import Factors, RuleContext, generic_factors, merge_shared
 from .rules.parametrized import reevaluated_parametrizations
+from .solve import dot
 
 __all__ = ["Solution", "RowSpaceSystem", "WoodburySystem", "build_system", "layer_factors", "project", "row_jvp", "row_jvp_fn"]
 
@@ -128,8 +129,7 @@ def build_system(
         if gram:
             with clock("project"):
                 z = project(factors, params, grad, ops, acc_dtype, (b, s))
-        norm2 = float(sum((g.double().square().sum() for g in grad), torch.zeros((), dtype=torch.float64)))
-        return WoodburySystem(params, K, z.reshape(-1), b, s, head, factors, ops, clock, rows.samples, grad, norm2)
+        return WoodburySystem(params, K, z.reshape(-1), b, s, head, factors, ops, clock, rows.samples, grad, dot(grad, grad))
 
 
 def _gradient(f_flat: Tensor, cotangent: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
@@ -137,8 +137,6 @@ def _gradient(f_flat: Tensor, cotangent: Tensor, params: list[nn.Parameter]) -> 
     batched backward that follows."""
     grads = torch.autograd.grad(f_flat, params, cotangent.to(f_flat.dtype), retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
-
-
 
 
 def layer_factors(plan: Plan, capture: Capture, ctx: RuleContext, ops: Backend) -> list[Factors]:
