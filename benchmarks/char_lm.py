@@ -64,7 +64,7 @@ METRIC_GRID = points(lr=[1.0], damping=[100.0, 300.0, 1000.0])
 
 
 def lm_specs() -> list[OptSpec]:
-    """The nine EGN variants of this benchmark, two with the Adam metric (egn_fast.metric), then AdamW and SGD. The plain variant of each
+    """The nine EGN variants of this benchmark, two with the Adam metric (egn_fast.system.metric), then AdamW and SGD. The plain variant of each
     curvature is tuned on EGN_GRID; its + momentum and + adaptive damping variants take its
     chosen (lr, λ) (λ as adaptive damping's λ₀), and tune on EGN_GRID only when it does not run."""
     specs = []

@@ -1,8 +1,8 @@
-"""Loaders for the benchmark datasets: real data from a data directory, as `egn_fast.training.Dataset`.
+"""Loaders for the benchmark datasets: real data from a data directory, as `egn_fast.cli.training.Dataset`.
 
 Each loader reads one .npz from its `data_dir` argument, else from the directory named by the
 environment variable EGN_FAST_DATA (benchmarks/README.md says where each file comes from and what
-it holds), and returns a standardized train/test split made by `egn_fast.training.prepare`
+it holds), and returns a standardized train/test split made by `egn_fast.cli.training.prepare`
 (features standardized with the training split's statistics; a regression target standardized
 too). California Housing falls back to scikit-learn's `fetch_california_housing` (the same data;
 downloads once). A file that is missing, with no fallback that works, raises `DataMissing`: one
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egn_fast.training import Dataset, prepare
+from egn_fast.cli.training import Dataset, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE_DIR = REPO / ".cache"

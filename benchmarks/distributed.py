@@ -39,7 +39,7 @@ import common  # noqa: E402
 
 import egn_fast  # noqa: E402
 from egn_fast.distributed import factor_bytes, row_bytes, sendable  # noqa: E402
-from egn_fast.distributed_shard import shard_pays  # noqa: E402
+from egn_fast.distributed.shard import shard_pays  # noqa: E402
 
 # NCCL bus bandwidths (nccl-tests "busbw"): 8×H100 SXM NVLink-4 all-reduce 460–480 GB/s
 # (docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests); across nodes one 400 Gb/s NDR

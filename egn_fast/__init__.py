@@ -16,21 +16,18 @@ Hv = (1/b)J̃ᵀ(J̃v), with J̃v from `row_jvp`.
     @egn_fast.register_rule(MyModule)
     def my_rule(module, calls, ctx): ...      # -> a Factors object (egn_fast.rules)
 
-adds (or overrides) the layer rule for a module type. The architecture: docs/design.md.
+adds (or overrides) the layer rule for a module type. The architecture: docs/design.md; the
+subpackages follow the data flow, stage by stage:
+
+    capture/  →  losses/  →  rules/ (+ ops/)  →  system/  →  optim/      (distributed/, cli/ beside)
 """
 
 from . import ops, rules
 from .capture import ModuleCall, forward_of
-from .checks import resolve_loss
 from .cpu import reuse_cpu_memory
-from .damping import AdaptiveDamping
-from .direction import DirectionResult, direction, direction_with_info
 from .errors import NonFiniteError, SolveError
-from .line_search import ArmijoLineSearch
-from .cross_entropy import CrossEntropyLoss
-from .losses import AutogradLoss, BCEWithLogitsLoss, Loss, LossHead, MSELoss
-from .optim import EGN, StepInfo
-from .preconditioner import EGNPreconditioner
+from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, LossHead, MSELoss, resolve_loss
+from .optim import EGN, SGN, AdaptiveDamping, ArmijoLineSearch, EGNPreconditioner, SGNInfo, StepInfo
 from .rules import (
     EmbeddingFactors,
     Factors,
@@ -40,9 +37,17 @@ from .rules import (
     register_rule,
     unregister_rule,
 )
-from .sgn import SGN, SGNInfo
-from .solve import EigenSolver, damped_solve
-from .system import RowSpaceSystem, Solution, build_system, row_jvp
+from .system import (
+    DirectionResult,
+    EigenSolver,
+    RowSpaceSystem,
+    Solution,
+    build_system,
+    damped_solve,
+    direction,
+    direction_with_info,
+    row_jvp,
+)
 
 __version__ = "0.1.0"
 

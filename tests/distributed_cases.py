@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import egn_fast
 from egn_fast import resolve_loss
 from egn_fast.distributed import MODES, DataParallel
-from egn_fast.distributed_shard import ShardedRows
+from egn_fast.distributed.shard import ShardedRows
 from models import make, targets
 from oracle import dense_direction, rel_err
 from token_models import TinyGPT, randomize, token_data

@@ -19,7 +19,7 @@ import datasets  # noqa: E402
 import lqr  # noqa: E402
 
 from egn_fast import EGN, SGN  # noqa: E402
-from egn_fast.training import Dataset  # noqa: E402
+from egn_fast.cli.training import Dataset  # noqa: E402
 
 
 def write_diamonds(path: Path, n: int, rng: np.random.Generator) -> None:
@@ -203,7 +203,7 @@ def test_lqr_metric_is_the_gain_error_to_the_riccati_gain():
 
 
 def test_bench_command_needs_the_checkout(tmp_path, monkeypatch):
-    from egn_fast import cli
+    from egn_fast.cli import command as cli
 
     monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "benchmarks")
     with pytest.raises(SystemExit, match="source checkout"):

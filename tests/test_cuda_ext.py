@@ -21,7 +21,7 @@ from egn_fast import ops
 from egn_fast import resolve_loss
 from egn_fast.ops.precision import tf32_allowed
 from egn_fast.ops import torch_backend
-from egn_fast.solve import EigenSolver, damped_solve
+from egn_fast.system.solve import EigenSolver, damped_solve
 from benchmark_scripts import load_benchmark
 from models import make, targets
 from oracle import dense_direction, rel_err

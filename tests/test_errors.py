@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import egn_fast
-from egn_fast.checks import resolve_loss
+from egn_fast.losses import resolve_loss
 from models import make
 from oracle import dense_direction, rel_err
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import egn_fast
-from egn_fast.checks import resolve_loss
+from egn_fast.losses import resolve_loss
 from oracle import dense_direction, rel_err
 
 D = 6

@@ -1,4 +1,4 @@
-"""The diagonal metric d = −(H + λD)⁻¹g (egn_fast.metric, EGN(metric="adam")) against the dense
+"""The diagonal metric d = −(H + λD)⁻¹g (egn_fast.system.metric, EGN(metric="adam")) against the dense
 float64 oracle, for exact and Monte-Carlo rows."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import egn_fast
-from egn_fast.metric import with_diagonal_metric
+from egn_fast.system.metric import with_diagonal_metric
 from oracle import dense_jacobian, flat, rel_err, unflat
 from token_models import TinyGPT, randomize, sampled_hessian, seq_ce_sum, token_data
 

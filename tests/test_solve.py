@@ -7,7 +7,7 @@ import egn_fast
 from egn_fast import resolve_loss
 from egn_fast.ops import Backend
 from egn_fast.clock import StageClock
-from egn_fast.solve import EigenSolver, SolveError, conjugate_gradient, damped_solve, dot
+from egn_fast.system.solve import EigenSolver, SolveError, conjugate_gradient, damped_solve, dot
 from models import make, targets
 from oracle import rel_err
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import egn_fast
 from egn_fast.checks import check_row_space
-from egn_fast.curvature import rows_for
+from egn_fast.losses.curvature import rows_for
 from oracle import dense_batch_loss_direction, dense_jacobian, flat, rel_err, unflat
 from token_models import TinyGPT, randomize, sampled_hessian, seq_ce_sum, token_data
 
@@ -255,7 +255,7 @@ def test_sliced_logits(curvature):
 
 
 def test_mc_rows_in_chunks_equal_one_call(monkeypatch):
-    import egn_fast.curvature as curvature
+    import egn_fast.losses.curvature as curvature
 
     f = torch.randn(3, T * V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     _, y = token_data(3, T, V, 1)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn import datasets
 
-from egn_fast import cli, training
+from egn_fast import cli
+from egn_fast.cli import training
 
 
 @pytest.mark.parametrize("name, steps, margin", [("diabetes", 300, 0.75), ("digits", 40, 0.25)])

@@ -36,7 +36,7 @@ import torch
 
 from . import torch_backend
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "auto_table"]
+__all__ = ["Backend", "register_backend", "check_backend", "get_backend", "available_backends", "auto_table"]
 
 
 class Backend:
@@ -85,15 +85,20 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_backend(name: str) -> None:
+    """ValueError unless `name` is "auto" or a registered backend (checked before a model runs)."""
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; available: {available_backends()} or 'auto'")
+
+
 def get_backend(name: str, device: torch.device) -> Backend:
     """The backend `name` for tensors on `device`; "auto" picks each op's backend from
     `auto_table()` for the device type."""
+    check_backend(name)
     if name == "auto":
         if device.type not in _AUTO:
             _AUTO[device.type] = _auto_backend(device)
         return _AUTO[device.type]
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; available: {available_backends()} or 'auto'")
     if name not in _INSTANCES:
         _INSTANCES[name] = _REGISTRY[name]()
     backend = _INSTANCES[name]

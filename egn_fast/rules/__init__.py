@@ -15,6 +15,7 @@ recorded inputs and output-gradients, without materializing J.
 | parametrized modules (W = P(original))      | parametrized.py | the module's rows for W, chained by vjp | gram_per_sample     |
 | any other module owning parameters          | generic.py     | per-sample rows by torch.func    | gram_per_sample              |
 
+`layer_factors` (apply.py) runs the planned rules on a capture (egn_fast.capture).
 A module called several times (tied weights) concatenates its calls along T; parameters shared
 by different modules are merged into one PerSampleFactors (`merge_shared`). A user adds or
 overrides a rule with `egn_fast.register_rule(ModuleType)` (see registry.py and the README).
@@ -22,7 +23,8 @@ overrides a rule with `egn_fast.register_rule(ModuleType)` (see registry.py and 
 
 from . import activation, embedding, embedding_bag, factors, instance_norm, linear, norms, parametrized, recurrent, registry  # the built-in rules register themselves on import
 from .factors import *  # noqa: F403
+from .apply import layer_factors
 from .generic import generic_factors, generic_in_dims
 from .registry import *  # noqa: F403
 
-__all__ = [*factors.__all__, *registry.__all__, "generic_factors", "generic_in_dims"]
+__all__ = [*factors.__all__, *registry.__all__, "layer_factors", "generic_factors", "generic_in_dims"]

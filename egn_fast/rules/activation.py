@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import PerSampleFactors
 from .norms import norm_factors
 from .registry import RuleContext, register_rule

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import EmbeddingFactors, concat
 from .registry import RuleContext, first_input, register_rule, used_calls
 

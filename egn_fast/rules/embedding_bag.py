@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import EmbeddingFactors, concat
 from .registry import RuleContext, register_rule, used_calls
 

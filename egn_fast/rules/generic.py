@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import ModuleCall
-from ..layout import BatchDim, to_batch_first
+from ..capture.hooks import ModuleCall
+from ..capture.layout import BatchDim, to_batch_first
 from .factors import PerSampleFactors
 from .registry import RuleContext
 

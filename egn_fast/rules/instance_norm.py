@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import PerSampleFactors
 from .norms import norm_factors
 from .registry import RuleContext, register_rule

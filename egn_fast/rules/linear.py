@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import SeqFactors, concat
 from .registry import RuleContext, first_input, register_rule, register_rule_by_name, used_calls
 

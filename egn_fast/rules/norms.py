@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import PerSampleFactors
 from .registry import RuleContext, first_input, register_rule, used_calls
 

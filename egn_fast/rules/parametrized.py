@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from ..ops import get_backend
 from .factors import PerSampleFactors
 from .registry import Rule, RuleContext, rule_for

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 from .factors import PerSampleFactors
 from .generic import per_sample_vjp
 from .registry import RuleContext, register_rule

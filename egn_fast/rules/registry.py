@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
-from ..capture import ModuleCall
+from ..capture.hooks import ModuleCall
 
 if TYPE_CHECKING:
     from .factors import Factors
@@ -67,7 +67,7 @@ Rule = Callable[[nn.Module, list[ModuleCall], RuleContext], "Factors | None"]
 # module type -> its rules, latest last: the latest one is in force, the earlier ones come
 # back when it is unregistered.
 _RULES: dict[type[nn.Module], list[Rule]] = {}
-# Bumped on every change, so cached plans (egn_fast.plan) made with other rules are not reused.
+# Bumped on every change, so cached plans (egn_fast.capture.plan) made with other rules are not reused.
 _VERSION = [0]
 
 
@@ -155,7 +155,7 @@ def first_input(call: ModuleCall, ctx: RuleContext, name: str = "input", positio
     """The call's first positional argument (or keyword argument `name`), detached, with its
     samples on dimension 0: (b, *rest). A position-wise module (one that treats every leading
     position alike: Linear, Embedding, LayerNorm) may get its samples along any dimension, folded
-    or not (egn_fast.layout); any other (convolutions, channel norms) must get them on dimension 0.
+    or not (egn_fast.capture.layout); any other (convolutions, channel norms) must get them on dimension 0.
     """
     x = call.args[0] if call.args else call.kwargs[name]
     layout = call.layouts[0] if call.layouts else None

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError, SolveError
-from .ops import Backend
+from ..errors import NonFiniteError, SolveError
+from ..ops import Backend
 
 __all__ = ["DampedSolve", "damped_solve", "EigenSolver", "SolveError", "CGResult", "conjugate_gradient", "dot"]
 

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import Backend
-from .rules import Factors, PerSampleFactors
+from ..ops import Backend
+from ..rules import Factors, PerSampleFactors
 
 __all__ = ["ShardedRows", "shard_pays"]
 

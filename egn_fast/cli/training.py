@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checks import resolve_loss
-from .losses import Loss
-from .optim import EGN
-from .sgn import SGN
+from ..losses import Loss, resolve_loss
+from ..optim import EGN, SGN
 
 __all__ = [
     "Dataset",

@@ -9,10 +9,10 @@ f_i ∈ R^c the flattened output of sample i.
 
 The EGN system is then (K + bλI) γ = w with K = J̃J̃ᵀ, J̃ = SᵀJ (m = b·s rows, sample-major).
 
-For the estimated curvatures (egn_fast.curvature) a loss also gives its residual alone
+For the estimated curvatures (egn_fast.losses.curvature) a loss also gives its residual alone
 (`residual`), targets drawn from the model's predictive distribution (`sample_targets`, for
 Monte-Carlo rows) and `curvature_scale` a, with E_ŷ[r(ŷ) r(ŷ)ᵀ] = a·Q_i. Cross-entropy, also per
-token, is in egn_fast.cross_entropy.
+token, is in egn_fast.losses.cross_entropy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .ops import Backend
+from ..ops import Backend
 
 __all__ = [
     "LossHead",

@@ -8,7 +8,7 @@ N counted tokens, exactly F.cross_entropy(f.reshape(-1, V), y.reshape(-1)); in e
 per-sample form (L = mean_i ℓ_i) that is ℓ_i = (b/N) Σ_t ℓ_it, so H = (1/N) Σ_{i,t} J_itᵀ Q_it J_it
 and λ means what it means for any loss. The exact factor is block-diagonal, one (V, V−1) block
 per token (s = T·(V−1), zero for ignored tokens): for small vocabularies; curvature="mc"
-(egn_fast.curvature) needs only r and drawn labels.
+(egn_fast.losses.curvature) needs only r and drawn labels.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import Loss, LossHead
-from .ops import Backend
+from .heads import Loss, LossHead
+from ..ops import Backend
 
 __all__ = ["CrossEntropyLoss", "IGNORE_INDEX"]
 

@@ -1,5 +1,5 @@
 """The row-space systems: the damped solve and the back-projection, after one capture
-(egn_fast.system builds them).
+(egn_fast.system.build makes them).
 
 `RowSpaceSystem`: the rows span g (exact or empirical curvature): (K + bλI)γ = w, d = −J̃ᵀγ.
 `WoodburySystem`: Monte-Carlo rows, g outside their span: d = −(Ĥ + λI)⁻¹g with Ĥ = (1/b)J̃ᵀJ̃ by
@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .checks import check_damping
-from .clock import StageClock
-from .losses import LossHead
-from .ops import Backend
-from .rules import Factors
+from ..capture import Closure
+from ..checks import check_damping
+from ..clock import StageClock
+from ..losses import LossHead
+from ..ops import Backend
+from ..rules import Factors
+from .jvp import row_jvp
 from .solve import EigenSolver, damped_solve
 
 __all__ = ["Solution", "RowSpaceSystem", "WoodburySystem", "project"]
@@ -124,6 +126,17 @@ class RowSpaceSystem:
         model run): sᵀHs = ‖J̃s‖²/b. Custom Factors without `project` raise NotImplementedError."""
         return project(self.factors, self.params, v, self.backend, self.w.dtype, (self.b, self.s))
 
+    def curvature(self, forward: Closure, steps: list[Tensor]) -> float:
+        """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² = ‖J̃s‖²/b at the parameters the system was built at
+        (steps ordered like `params`): J̃s from the layer factors (no model run, and no double
+        backward, which CPU attention kernels lack), or, for custom factors without `project`, by
+        `row_jvp` (two reverse passes through `forward`, the model on the same batch; the same number)."""
+        try:
+            rows = self.project(steps)
+        except NotImplementedError:
+            rows = row_jvp(self, forward, steps)
+        return float(rows.double().pow(2).sum()) / self.b
+
     def gradient(self) -> list[Tensor]:
         """g = (1/b)J̃ᵀw, the gradient of the batch-mean loss, shaped like `params`."""
         return self.backproject(-self.w / self.b)  # backproject(γ) = −J̃ᵀγ
@@ -146,7 +159,7 @@ class WoodburySystem(RowSpaceSystem):
     """Rows that do not span g (Monte-Carlo): d = −(Ĥ + λI)⁻¹g, Ĥ = (1/b)J̃ᵀJ̃, by Woodbury.
 
     w = J̃g (m,) is the solve's right-hand side (zeros when built with gram=False: no solve, no
-    J̃g; `egn_fast.metric` forms its own): γ = (K + bλI)⁻¹J̃g, d = −(g − J̃ᵀγ)/λ (λ > 0:
+    J̃g; `egn_fast.system.metric` forms its own): γ = (K + bλI)⁻¹J̃g, d = −(g − J̃ᵀγ)/λ (λ > 0:
     Ĥ has rank ≤ m). grad: g, shaped like `params`; grad_norm2 = ‖g‖². By-products with z = J̃g:
     gᵀd = −(‖g‖² − zᵀγ)/λ, J̃d = −(z − Kγ)/λ so dᵀĤd = ‖z − Kγ‖²/(bλ²),
     ‖d‖² = (‖g‖² − 2zᵀγ + γᵀKγ)/λ².

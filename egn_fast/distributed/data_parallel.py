@@ -6,7 +6,7 @@ differ in size, b = Σ_r b_r, m = b·s rows) and a replica of the parameters.
 - "exact": every rank builds its layer factors, the ranks all-gather them (packed per dtype into
   one (b_r, n) buffer, padded to the largest shard: one all_gather per dtype) — except the layers
   that exist only as per-sample rows, sharded by parameter when that moves fewer bytes
-  (egn_fast.distributed_shard) — and every rank then forms the global Gram K (m × m), solves
+  (egn_fast.distributed.shard) — and every rank then forms the global Gram K (m × m), solves
   (K + bλI)γ = w and back-projects. The result is the direction one process computes on the
   concatenated batch (ranks in order), the same bits on every rank; no all-reduce of d is needed.
 - "local": each rank solves its own system (b_r, damping b_r·λ) and the ranks average their
@@ -26,15 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .capture import Closure, Inputs, forward_of
-from .errors import NonFiniteError, SolveError
-from .losses import Loss, LossHead
-from .ops import Backend
-from .distributed_shard import ShardedRows, shard_pays
-from .rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
-from .system import RowSpaceSystem, Solution, build_system, row_jvp
+from ..capture import Closure, Inputs, forward_of
+from ..errors import NonFiniteError, SolveError
+from ..losses import Loss, LossHead
+from ..rules import Factors, PerSampleFactors
+from ..system.build import build_system
+from ..system.jvp import row_jvp
+from ..system.row_space import RowSpaceSystem, Solution
+from .sendable import rebuilt, sendable, tensors_of
+from .shard import ShardedRows, shard_pays
 
-__all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "factor_bytes", "row_bytes", "sendable"]
+__all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "parameter_checksum"]
 
 MODES = ("exact", "local")
 # Errors re-raised on every rank as the class the failing rank raised; any other as RuntimeError.
@@ -160,11 +162,11 @@ class DataParallel:
             tensors = [head.per_sample.detach()]
             if self.exact:
                 local.factors = [sendable(f, local.backend, local.w.dtype) for f in local.factors]
-                tensors += [head.r, head.S, head.w] + [t for f in local.factors for t in _tensors_of(f)]
+                tensors += [head.r, head.S, head.w] + [t for f in local.factors for t in tensors_of(f)]
                 if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
                     raise NonFiniteError("non-finite layer factors (an input or output-gradient is nan/inf)")
                 # the shapes past the batch dimension must agree across ranks (model, sequence lengths)
-                layout = [(type(f).__name__, str(t.dtype), tuple(t.shape[1:])) for f in local.factors for t in _tensors_of(f)]
+                layout = [(type(f).__name__, str(t.dtype), tuple(t.shape[1:])) for f in local.factors for t in tensors_of(f)]
                 signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in tensors[:4]], layout)).encode())
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by sync
             error = err
@@ -180,7 +182,7 @@ class DataParallel:
                 rows = []
             kept = [f for f in local.factors if not any(f is g for g in rows)]
             with local.clock("communicate"):
-                gathered = self.gather_rows(tensors[:4] + [t for f in kept for t in _tensors_of(f)], sizes)
+                gathered = self.gather_rows(tensors[:4] + [t for f in kept for t in tensors_of(f)], sizes)
                 sharded = [ShardedRows(self.group, rows, sizes, local.s, local.w.dtype)] if rows else []
             local.factors = []  # the local rows are inside the gathered and sharded ones
             system = self._global_system(local, kept, sharded, gathered, sum(sizes))
@@ -197,8 +199,8 @@ class DataParallel:
         per_sample, r, S, w = gathered[:4]
         factors, rest = [], gathered[4:]
         for f in kept:
-            n = len(_tensors_of(f))
-            factors.append(_rebuilt(f, rest[:n]))
+            n = len(tensors_of(f))
+            factors.append(rebuilt(f, rest[:n]))
             rest = rest[n:]
         factors += sharded
         K = torch.zeros(b * local.s, b * local.s, dtype=local.w.dtype, device=self.device)
@@ -289,51 +291,3 @@ class DataParallelSystem:
         local = row_jvp(self.local, forward, steps).double().pow(2).sum().reshape(1)
         dist.all_reduce(local, group=self.dp.group)
         return float(local) / self.b
-
-
-def _tensors_of(f: Factors) -> list[Tensor]:
-    """The batch-first tensors a factor object is made of (what the exact route all-gathers)."""
-    if isinstance(f, SeqFactors):
-        return [t for A, G in f.groups for t in (A, G)]
-    if isinstance(f, EmbeddingFactors):
-        return [f.tokens, f.G]
-    assert isinstance(f, PerSampleFactors), type(f)
-    return list(f.P)
-
-
-def _rebuilt(f: Factors, tensors: list[Tensor]) -> Factors:
-    """A factor object like `f` over the gathered tensors (same order as `_tensors_of`)."""
-    if isinstance(f, SeqFactors):
-        return SeqFactors(f.weight, f.bias, list(zip(tensors[::2], tensors[1::2])), f.seq_method)
-    if isinstance(f, EmbeddingFactors):
-        return EmbeddingFactors(f.weight, tensors[0], tensors[1])
-    return PerSampleFactors(f.params, tensors)
-
-
-def factor_bytes(f: Factors) -> int:
-    """Bytes a rank contributes to the all-gather of this layer's factors."""
-    return sum(t.numel() * t.element_size() for t in _tensors_of(f))
-
-
-def row_bytes(f: Factors, dtype: torch.dtype) -> int:
-    """Bytes of this layer's per-sample gradient rows (m_r × n_l numbers in `dtype`)."""
-    b, s = _batch_and_s(f)
-    return b * s * sum(p.numel() for p in f.params) * torch.empty((), dtype=dtype).element_size()
-
-
-def _batch_and_s(f: Factors) -> tuple[int, int]:
-    """(b_r, s) of a built-in factor object."""
-    G = f.groups[0][1] if isinstance(f, SeqFactors) else f.G if isinstance(f, EmbeddingFactors) else f.P[0]
-    return G.shape[0], G.shape[1]
-
-
-def sendable(f: Factors, backend: Backend, dtype: torch.dtype) -> Factors:
-    """The form of a layer's rows that moves fewer bytes: its factors, or its per-sample gradient
-    rows when those are smaller (a sequence layer with T·(in + s·out) > s·in·out). Both scale with
-    b_r, so every rank picks the same. A factor type of a user rule travels as per-sample rows."""
-    if type(f) in (SeqFactors, EmbeddingFactors):
-        if factor_bytes(f) <= row_bytes(f, dtype):
-            return f
-    elif type(f) is PerSampleFactors:
-        return f
-    return PerSampleFactors(f.params, f.per_sample_grads(backend, dtype))

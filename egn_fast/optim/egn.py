@@ -1,10 +1,10 @@
-r"""EGN as a `torch.optim.Optimizer` (the preconditioner form is egn_fast.preconditioner).
+r"""EGN as a `torch.optim.Optimizer` (the preconditioner form is egn_fast.optim.preconditioner).
 
 Each step, at the current parameters w and for one mini-batch (docs/design.md §1):
 
     d      = −(H + λI)⁻¹ g                      exact LM direction, solved in the m×m row space
-                                                (or −(H + λD)⁻¹g with metric="adam", egn_fast.metric)
-    d̂      = momentum(d)                        "ema" | "heavy_ball" | "nesterov" (egn_fast.momentum)
+                                                (or −(H + λD)⁻¹g with metric="adam", egn_fast.system.metric)
+    d̂      = momentum(d)                        "ema" | "heavy_ball" | "nesterov" (egn_fast.optim.momentum)
     s_g    = t · lr_g · d̂_g                     per parameter group g; t = 1 without line search
     w_g    ← (1 − lr_g · weight_decay_g) w_g + s_g      (decoupled weight decay)
 
@@ -18,34 +18,38 @@ Each step, at the current parameters w and for one mini-batch (docs/design.md §
   by-products; otherwise gᵀs uses g = (1/b)J̃ᵀw (one back-projection) and sᵀHs one JVP.
 - A non-finite loss or Gram, or a solve that fails after its jitter retries, raises before
   anything is changed (or, with `skip_nonfinite=True`, warns and returns a rejected StepInfo).
+
+Each concern is a plain function of egn_fast.optim.functional; the class keeps the state (λ, the
+momentum buffers, the metric's second moment, the last step multiplier) and calls them in order.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .capture import Closure, Inputs, forward_of
-from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
-from .curvature import check_curvature
+from ..capture import Closure, Inputs, forward_of
+from ..checks import check_damping, check_lr, finite_nonnegative, group_of, trainable
+from ..distributed import DataParallel, check_mode, unwrap
+from ..errors import NonFiniteError, SolveError
+from ..losses import LossSpec, check_curvature
+from ..system import RowSpaceSystem, build_system
+from ..system.metric import adam_metric, check_metric
 from .damping import AdaptiveDamping, resolve_adaptive_damping
-from .distributed import DataParallel, check_mode, unwrap
-from .errors import NonFiniteError, SolveError
+from .functional import accept, apply_decay, apply_steps, lm_direction, lm_model, lm_steps, rollback
 from .line_search import ArmijoLineSearch, resolve_line_search
-from .metric import adam_metric, check_metric, with_diagonal_metric
+from .model_optimizer import ModelOptimizer, ParamGroups
 from .momentum import check_momentum, momentum_direction
-from .solve import dot
 from .step_info import StepInfo
-from .system import RowSpaceSystem, build_system, row_jvp
 
 __all__ = ["EGN", "StepInfo"]
 
 
-class EGN(torch.optim.Optimizer):
+class EGN(ModelOptimizer):
     """Exact Gauss-Newton (Levenberg–Marquardt in the row space) as a torch optimizer.
 
     Args:
@@ -54,14 +58,14 @@ class EGN(torch.optim.Optimizer):
             are skipped.
         loss: "mse" (½‖f−y‖² per sample) | "cross_entropy" | "bce" | a `Loss` | a per-sample
             callable `fn(outputs (c,), target) -> scalar`. The batch loss is the mean over samples
-            (per-token cross-entropy: over counted tokens, egn_fast.cross_entropy).
+            (per-token cross-entropy: over counted tokens, egn_fast.losses.cross_entropy).
         curvature: "exact" | "mc" (mc_samples rows per sample from targets drawn with
             `generator`; the default generator is seeded from torch's global RNG) | "empirical"
-            (egn_fast.curvature). The state_dict carries the generator's state, so a resumed run
+            (egn_fast.losses.curvature). The state_dict carries the generator's state, so a resumed run
             draws the same samples.
         metric: None (d = −(H + λI)⁻¹g) | "adam": d = −(H + λD)⁻¹g with D = √v̂ + metric_eps,
             v̂ the bias-corrected EMA (metric_beta) of g² (Adam's second moment, updated with
-            every step's gradient; egn_fast.metric). Off the rows' span the step is then Adam's
+            every step's gradient; egn_fast.system.metric). Off the rows' span the step is then Adam's
             g/(λD) instead of g/λ: use it with curvature="mc"; λ acts as 1/Adam's lr.
         lr: step multiplier per group (1.0 is the full LM step).
         damping: initial λ ≥ 0 in (H + λI).
@@ -105,7 +109,7 @@ class EGN(torch.optim.Optimizer):
         seq_method: str = "auto",
         skip_nonfinite: bool = False,
         timings: bool = False,
-        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+        params: ParamGroups | None = None,
         process_group: Any = None,
         distributed: str | None = None,
         curvature: str = "exact",
@@ -115,21 +119,18 @@ class EGN(torch.optim.Optimizer):
         metric_beta: float = 0.999,
         metric_eps: float = 1e-8,
     ) -> None:
-        check_model(model)  # before model.parameters() below
         lr, damping, weight_decay = check_lr(lr), check_damping(damping), finite_nonnegative("weight_decay", weight_decay)
         check_curvature(curvature, mc_samples, generator, damping)
         check_momentum(momentum, momentum_type)
         check_metric(metric, metric_beta, metric_eps)
         if max_step_norm is not None and not max_step_norm > 0:
             raise ValueError(f"max_step_norm must be > 0, got {max_step_norm}")
-        super().__init__(model.parameters() if params is None else params, dict(lr=lr, weight_decay=weight_decay))
-        check_params_in_model(model, [p for g in self.param_groups for p in g["params"]])
+        super().__init__(model, loss, params, dict(lr=lr, weight_decay=weight_decay))
         mode = check_mode(process_group, distributed)
         self.data_parallel = None if mode is None else DataParallel(process_group, mode, self.param_groups[0]["params"][0].device)
         if self.data_parallel is not None:
             self.data_parallel.check_replicated(list(model.parameters()))
         self.model = model if self.data_parallel is None else unwrap(model)
-        self.loss_fn = resolve_loss(loss)
         self.momentum = momentum
         self.momentum_type = momentum_type
         self.line_search = resolve_line_search(line_search)
@@ -178,20 +179,13 @@ class EGN(torch.optim.Optimizer):
         """One EGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
         forward = forward_of(self.model, inputs, targets, closure)
         damping = self.egn_state["damping"]
-        build = build_system if self.data_parallel is None else self.data_parallel.build_system
         try:
-            system = build(
-                self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn,
-                backend=self.backend, seq_method=self.seq_method, timings=self.timings, **self._rows(),
-            )
+            system = self._build_system(forward)
             scale = None
             if self.metric is not None:
                 with system.clock("metric"):
                     scale = self._metric_scale(system.params, system.gradient())
-                    system = with_diagonal_metric(system, scale)
-            sol, d = system.solve_and_backproject(damping, self.solve_dtype)
-            if scale is not None:
-                d = [x * s for x, s in zip(d, scale)]
+            system, sol, d = lm_direction(system, damping, self.solve_dtype, scale)
         except (NonFiniteError, SolveError) as err:
             if not self.skip_nonfinite:
                 raise
@@ -204,70 +198,50 @@ class EGN(torch.optim.Optimizer):
             direction_norm=math.sqrt(max(sol.dnorm2, 0.0)), jitter=sol.jitter, timings=system.timings,
         )
 
-        d_hat, buffers = self._momentum(params, d)
+        old = [self.state[p].get("momentum_buffer") for p in params]
+        d_hat, buffers = momentum_direction(d, old, self.momentum, self.momentum_type, self.egn_state["momentum_steps"])
         groups = group_of(self.param_groups)
         lrs = [groups[id(p)]["lr"] for p in params]
         decays = [groups[id(p)]["weight_decay"] for p in params]
-        steps = [lr * x for lr, x in zip(lrs, d_hat)]
-        # a: s = a·d when there is no momentum and one lr; then the row-space by-products give
-        # gᵀs, sᵀHs and ‖s‖² exactly without touching the model again
-        a = lrs[0] if d_hat is d and len(set(lrs)) == 1 and (self.data_parallel is None or self.data_parallel.exact) else None
-        if self.max_step_norm is not None:
-            norm = math.sqrt(dot(steps, steps))
-            if norm > self.max_step_norm:
-                steps = [x * (self.max_step_norm / norm) for x in steps]
-                a = None if a is None else a * self.max_step_norm / norm
+        # s = a·d when there is no momentum and one lr: then the row-space by-products give gᵀs,
+        # sᵀHs and ‖s‖² exactly without touching the model again
+        multiple = d_hat is d and len(set(lrs)) == 1 and (self.data_parallel is None or self.data_parallel.exact)
+        steps, a = lm_steps(d_hat, lrs, self.max_step_norm, multiple)
         if self.line_search is None and self.adaptive_damping is None:
-            for p, x, lr, wd in zip(params, steps, lrs, decays):
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(x)
+            apply_steps(params, steps, lrs, decays)
             self._commit(params, buffers)
             info.accepted, info.step_size = True, lrs[0] if lrs else 0.0
             return info
 
-        if a is not None:
-            g_dot_s, s_H_s, s_norm2 = a * sol.gtd, a * a * sol.dHd, a * a * sol.dnorm2
-        else:
-            # under a metric the system is in w' = D^{1/2}w: s enters as s' = s/scale (s'ᵀs' = sᵀDs)
-            inner = steps if scale is None else [x / c for x, c in zip(steps, scale)]
-            g_dot_s, s_norm2 = dot(system.gradient(), inner), dot(inner, inner)
-            s_H_s = math.nan
-            if self.adaptive_damping is not None:
-                s_H_s = _curvature(system, forward, inner) if self.data_parallel is None else system.curvature(forward, steps)
+        lm = lm_model(system, sol, steps, a, scale, forward if self.adaptive_damping is not None else None)
         saved = [p.detach().clone() for p in params]
-        t, loss_after, tries = self._search(forward, params, steps, saved, system.loss, g_dot_s)
-        info.loss_after, info.line_search_tries = loss_after, tries
-        accepted = t > 0
-        if not accepted:
-            info.reason = f"Armijo condition not met in {tries} tries"
-        if self.adaptive_damping is not None:
-            rho = math.nan
-            if accepted:
-                # decrease of the LM model m(ts) = gᵀ(ts) + ½(ts)ᵀ(H + λI)(ts)
-                predicted = -(t * g_dot_s + 0.5 * t * t * (s_H_s + damping * s_norm2))
-                rho = (system.loss - loss_after) / predicted if predicted > 0 else math.nan
-                info.rho = rho
-                if not math.isfinite(loss_after):
-                    info.reason = "non-finite loss after the step"
-                elif not predicted > 0:
-                    info.reason = "the LM model predicts no decrease for this step (step multiplier too large)"
-                elif rho < 0:
-                    info.reason = f"the loss went up (rho = {rho:.3g} < 0)"
-                accepted = rho >= 0
-            self.egn_state["damping"] = info.next_damping = self.adaptive_damping.next(damping, rho)
-        if not accepted:
-            for p, x in zip(params, saved):
-                p.copy_(x)
+        verdict = accept(
+            lambda: self._loss_at(forward), params, saved, steps, system.loss, lm, damping,
+            self.line_search, self.adaptive_damping, self.egn_state["step_scale"],
+        )
+        info.loss_after, info.line_search_tries, info.rho, info.reason = verdict.loss_after, verdict.tries, verdict.rho, verdict.reason
+        self.egn_state["damping"] = info.next_damping = verdict.next_damping
+        if not verdict.accepted:
+            rollback(params, saved)
             return info
-        for p, x, lr, wd in zip(params, saved, lrs, decays):
-            if wd:  # decoupled: shrink the old parameters, then the accepted step is already added
-                p.sub_(x, alpha=lr * wd)
+        apply_decay(params, saved, lrs, decays)  # the accepted step is already added
         if self.line_search is not None:
-            self.egn_state["step_scale"] = t
+            self.egn_state["step_scale"] = verdict.t
         self._commit(params, buffers)
-        info.accepted, info.step_size = True, t * (lrs[0] if lrs else 0.0)
+        info.accepted, info.step_size = True, verdict.t * (lrs[0] if lrs else 0.0)
         return info
+
+    def _build_system(self, forward: Closure) -> RowSpaceSystem:
+        """This step's system: the data-parallel one with a process group. A metric builds the
+        Gram of its own rows, so the system is then built without one."""
+        build = build_system if self.data_parallel is None else self.data_parallel.build_system
+        options: dict[str, Any] = dict(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
+        if self.metric is not None:
+            options["gram"] = False
+        return build(
+            self.model, closure=forward, params=trainable(self.param_groups), loss=self.loss_fn, backend=self.backend,
+            seq_method=self.seq_method, timings=self.timings, **options,
+        )
 
     def _metric_scale(self, params: list[nn.Parameter], grad: list[Tensor]) -> list[Tensor]:
         """D^{-1/2} per parameter, Adam's second moment updated with this step's gradient."""
@@ -278,17 +252,6 @@ class EGN(torch.optim.Optimizer):
             self.state[p]["metric_sq"] = v
             scale.append(c)
         return scale
-
-    def _rows(self) -> dict[str, Any]:
-        """build_system's row-estimator options; a metric builds the Gram of its own rows, so the
-        system is then built without one."""
-        options: dict[str, Any] = dict(curvature=self.curvature, mc_samples=self.mc_samples, generator=self.generator)
-        return options if self.metric is None else {**options, "gram": False}
-
-    def _momentum(self, params: list[nn.Parameter], d: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
-        """d̂ and the new momentum buffers (stored only if the step is accepted)."""
-        old = [self.state[p].get("momentum_buffer") for p in params]
-        return momentum_direction(d, old, self.momentum, self.momentum_type, self.egn_state["momentum_steps"])
 
     def _commit(self, params: list[nn.Parameter], buffers: list[Tensor] | None) -> None:
         if buffers is None:
@@ -301,30 +264,3 @@ class EGN(torch.optim.Optimizer):
         if self.data_parallel is not None:
             return self.data_parallel.loss_at(self.loss_fn, forward)
         return float(self.loss_fn.batch_mean(*forward()))
-
-    def _search(
-        self, forward: Closure, params: list[nn.Parameter], steps: list[Tensor], saved: list[Tensor], loss: float, g_dot_s: float
-    ) -> tuple[float, float, int]:
-        """(t, loss at w + t·s, tries); t = 0 when the line search found no acceptable step."""
-        ls = self.line_search
-        t = 1.0 if ls is None else min(ls.growth * self.egn_state["step_scale"], 1.0)
-        for tries in range(1, (1 if ls is None else ls.max_tries) + 1):
-            for p, x, s in zip(params, saved, steps):
-                p.copy_(x).add_(s, alpha=t)
-            trial = self._loss_at(forward)
-            if ls is None or (math.isfinite(trial) and trial <= loss + ls.c1 * t * g_dot_s):
-                return t, trial, tries
-            t *= ls.shrink
-        return 0.0, trial, tries
-
-
-def _curvature(system: RowSpaceSystem, forward: Closure, steps: list[Tensor]) -> float:
-    """sᵀHs = (1/b) Σ_i ‖S_iᵀ (J s)_i‖² = ‖J̃s‖²/b at the current parameters (steps ordered like
-    system.params); J̃s from the layer factors (no model run, and no double backward, which CPU
-    attention kernels lack), or, for custom factors without `project`, by `row_jvp` (two reverse
-    passes through the model; the same number)."""
-    try:
-        rows = system.project(steps)
-    except NotImplementedError:
-        rows = row_jvp(system, forward, steps)
-    return float(rows.double().pow(2).sum()) / system.b

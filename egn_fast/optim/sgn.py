@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .capture import Closure, Inputs, forward_of
-from .checks import LossSpec, check_damping, check_lr, check_model, check_params_in_model, finite_nonnegative, group_of, resolve_loss, trainable
-from .errors import NonFiniteError
-from .ops import get_backend
-from .solve import CGResult, conjugate_gradient, dot
-from .system import RowSpaceSystem, build_system, row_jvp_fn
+from ..capture import Closure, Inputs, forward_of
+from ..checks import check_damping, check_lr, finite_nonnegative, group_of, trainable
+from ..errors import NonFiniteError
+from ..losses import LossSpec
+from ..ops import get_backend
+from ..system import RowSpaceSystem, build_system, row_jvp_fn
+from ..system.solve import CGResult, conjugate_gradient, dot
+from .model_optimizer import ModelOptimizer, ParamGroups
 
 __all__ = ["SGN", "SGNInfo"]
 
@@ -48,7 +49,7 @@ class SGNInfo:
     direction_norm: float
 
 
-class SGN(torch.optim.Optimizer):
+class SGN(ModelOptimizer):
     """Gauss-Newton with a truncated conjugate-gradient solve of the damped system (H + λI)d = −g.
 
     Args:
@@ -75,30 +76,16 @@ class SGN(torch.optim.Optimizer):
     the outputs, the loss or the gradient are not finite.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossSpec = "mse",
-        lr: float = 1.0,
-        damping: float = 1.0,
-        cg_iters: int = 10,
-        cg_tol: float = 1e-10,
-        backend: str = "auto",
-        *,
-        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
-    ) -> None:
-        check_model(model)  # model.parameters() below needs a Module
+    def __init__(self, model: nn.Module, loss: LossSpec = "mse", lr: float = 1.0, damping: float = 1.0, cg_iters: int = 10,
+                 cg_tol: float = 1e-10, backend: str = "auto", *, params: ParamGroups | None = None) -> None:
         lr, damping = check_lr(lr), check_damping(damping)
         if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 1:
             raise ValueError(f"cg_iters must be an integer ≥ 1, got {cg_iters!r}")
         cg_tol = finite_nonnegative("cg_tol", cg_tol)
-        super().__init__(model.parameters() if params is None else params, dict(lr=lr))
+        super().__init__(model, loss, params, dict(lr=lr))
         all_params = [p for g in self.param_groups for p in g["params"]]
-        check_params_in_model(model, all_params)
         if all_params:  # unknown or unsupported backends fail here, not at step 1
             get_backend(backend, all_params[0].device)
-        self.model = model
-        self.loss_fn = resolve_loss(loss)
         self.damping = damping
         self.cg_iters = cg_iters
         self.cg_tol = cg_tol

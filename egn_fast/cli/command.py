@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import training
-from .optim import EGN
+from ..optim import EGN
 from .training import Dataset, History
 
 DEMO_DATASETS = ("diabetes", "digits")
@@ -189,7 +189,7 @@ def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespac
     return 0
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveDamping", "resolve_adaptive_damping"]
+__all__ = ["AdaptiveDamping", "resolve_adaptive_damping", "gain_ratio"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,17 @@ def resolve_adaptive_damping(value: object) -> AdaptiveDamping | None:
     if not (value is False or isinstance(value, AdaptiveDamping)):
         raise ValueError(f"adaptive_damping must be a bool or an AdaptiveDamping, got {value!r}")
     return value or None
+
+
+def gain_ratio(loss: float, loss_after: float, predicted: float) -> tuple[float, str]:
+    """(ρ, why the step is rejected or ""): ρ = (loss − loss_after) / predicted decrease (nan when
+    the model predicts none); a step with ρ < 0, a non-finite loss_after or no predicted decrease
+    is rejected."""
+    rho = (loss - loss_after) / predicted if predicted > 0 else math.nan
+    if not math.isfinite(loss_after):
+        return rho, "non-finite loss after the step"
+    if not predicted > 0:
+        return rho, "the LM model predicts no decrease for this step (step multiplier too large)"
+    if rho < 0:
+        return rho, f"the loss went up (rho = {rho:.3g} < 0)"
+    return rho, ""

@@ -18,10 +18,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .checks import check_row_space
-from .errors import NonFiniteError
+from ..checks import check_row_space
+from ..errors import NonFiniteError
+from ..rules import PerSampleFactors
 from .row_space import RowSpaceSystem, WoodburySystem, project
-from .rules import PerSampleFactors
 from .solve import dot
 
 __all__ = ["check_metric", "with_diagonal_metric", "adam_metric"]
