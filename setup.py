@@ -3,6 +3,7 @@
 egn_fast._C (csrc/) is built when a CUDA toolkit (nvcc) and a CUDA build of torch are present; it
 finds the toolkit and the cuSOLVER headers/libraries of the nvidia pip wheels by itself.
 TORCH_CUDA_ARCH_LIST overrides the default architectures "8.0;9.0" (A100, H100/H200).
+EGN_FAST_BUILD_CUDA=0 skips the extension (a pure-Python build in seconds instead of minutes).
 Without a toolkit, or when compiling fails, the pure-Python package is installed. One line is
 printed either way.
 """
@@ -69,6 +70,9 @@ def find_cusolver(cuda_home: str) -> tuple[str, str, str] | None:
 
 def cuda_extension() -> tuple[list, dict]:
     """(ext_modules, cmdclass) for setup(): the extension when it can be built, else nothing."""
+    if os.environ.get("EGN_FAST_BUILD_CUDA") == "0":
+        say("EGN_FAST_BUILD_CUDA=0; installing pure Python (no egn_fast._C)")
+        return [], {}
     try:
         import torch
     except ImportError:

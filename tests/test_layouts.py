@@ -1,4 +1,4 @@
-"""Batch layouts (egn_fast/layout.py, docs/design.md §2.1): samples that are not on dimension 0 of a
+"""Batch layouts (egn_fast/capture/layout.py, docs/design.md §2.1): samples that are not on dimension 0 of a
 layer's input (seq-first layers, x.transpose(0, 1), x.reshape(-1, D)), tensors shared by all samples
 (broadcast position ids, a buffer through a Linear), arguments that are not per-sample (masks), and
 sample mixing, which is refused. Each case is checked against the dense float64 oracle, with the

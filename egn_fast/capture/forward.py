@@ -1,6 +1,6 @@
-"""The forward stage: run the model once with hooks, plan the capture (egn_fast.capture.plan), and run it
-again only when the plan asks for it — tensors shared by all samples to expand (egn_fast.capture.layout),
-recorded tensors the model edits in place to copy. Whatever a forward changes besides its outputs
+"""The forward stage: run the model once with hooks, plan the capture (plan.py), and run it again
+only when the plan asks for it — tensors shared by all samples to expand (layout.py), recorded
+tensors the model edits in place to copy. Whatever a forward changes besides its outputs
 (buffers such as running statistics, the RNG state) is undone before a re-run and on any error,
 so the user's forward takes effect exactly once per step.
 """
@@ -14,14 +14,14 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .hooks import Capture, Closure
 from ..checks import per_sample_outputs
 from ..errors import NonFiniteError
+from .hooks import Capture, Closure
 from .plan import OutputKey, Plan, mixing_error, plan_for
 
 __all__ = ["ModelState", "undone_on_error", "capture_planned"]
 
-# Per model: the batch size and the outputs that its last plan found shared (egn_fast.capture.layout).
+# Per model: the batch size and the outputs that its last plan found shared (layout.py).
 _SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple]]]" = weakref.WeakKeyDictionary()
 
 

@@ -70,7 +70,7 @@ class ModuleCall:
     """One call of a module: its inputs, the outputs that carry gradient, and their gradients.
 
     outputs[q] is output leaf number output_index[q] (pytree order); layouts[q] says where its
-    samples lie (set by the plan, egn_fast.capture.layout); expanded holds the q whose output was shared
+    samples lie (set by the plan, layout.py); expanded holds the q whose output was shared
     by all samples and handed to the model as (b, …) copies (outputs[q] is then that copy).
     grads[q] is filled by `output_grads`: (b, s, *rest) with rest = outputs[q]'s shape less the
     samples (`to_batch_first`), or None when that output does not reach the loss.
@@ -108,7 +108,7 @@ class Capture:
 
     The hooks are removed on exit, so later re-runs of a module (the generic rule's torch.func
     calls) record nothing. expand: {(module, call number, output number q): shape} of outputs
-    that are shared by all samples (egn_fast.capture.layout); an output of that shape is handed on as
+    that are shared by all samples (layout.py); an output of that shape is handed on as
     b copies, batch size b.
     """
 

@@ -2,11 +2,11 @@
 where the samples lie in every recorded tensor.
 
 `collect_trainable` lists the parameters J is taken with respect to and the modules to hook.
-After a captured forward (egn_fast.capture.forward), for a call pattern it has not seen, `plan_for`
+After a captured forward (forward.py), for a call pattern it has not seen, `plan_for`
 assigns every such parameter that reaches the loss to a rule (the registered rule of the called
 module that owns it, egn_fast.rules, else the generic torch.func rule of the innermost called
 module that contains it) and probes the batch layout of every recorded output
-(egn_fast.capture.layout). Plans are cached per model.
+(layout.py). Plans are cached per model.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .hooks import Capture, Inputs, params_reached_outside
 from ..checks import check_model
-from .layout import BatchDim, find_batch_dim, probe_grads
+# the rules' modules, not their package: the rules read this stage's records (a package-level cycle)
 from ..rules.generic import generic_in_dims
-from ..rules.registry import Rule, registry_version
 from ..rules.parametrized import parametrization_modules, parametrizations_in_eval, planned_rule
+from ..rules.registry import Rule, registry_version
+from .hooks import Capture, Inputs, params_reached_outside
+from .layout import BatchDim, find_batch_dim, probe_grads
 
 __all__ = ["Plan", "OutputKey", "collect_trainable", "check_inputs", "plan_for", "mixing_error"]
 

@@ -14,17 +14,6 @@ from .sendable import factor_bytes, rebuilt, row_bytes, sendable, tensors_of
 from .shard import ShardedRows, shard_pays
 
 __all__ = [
-    "MODES",
-    "DataParallel",
-    "DataParallelSystem",
-    "check_mode",
-    "unwrap",
-    "parameter_checksum",
-    "sendable",
-    "factor_bytes",
-    "row_bytes",
-    "tensors_of",
-    "rebuilt",
-    "ShardedRows",
-    "shard_pays",
+    "MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "parameter_checksum", "sendable",
+    "factor_bytes", "row_bytes", "tensors_of", "rebuilt", "ShardedRows", "shard_pays",
 ]

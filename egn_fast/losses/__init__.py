@@ -16,19 +16,7 @@ from .heads import AutogradLoss, BCEWithLogitsLoss, Loss, LossHead, MSELoss, Sca
 from .resolve import NAMED_LOSSES, LossSpec, from_torch_loss, resolve_loss
 
 __all__ = [
-    "Loss",
-    "LossHead",
-    "MSELoss",
-    "CrossEntropyLoss",
-    "BCEWithLogitsLoss",
-    "AutogradLoss",
-    "ScaledLoss",
-    "LossSpec",
-    "NAMED_LOSSES",
-    "resolve_loss",
-    "from_torch_loss",
-    "CURVATURES",
-    "Rows",
-    "check_curvature",
+    "Loss", "LossHead", "MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "AutogradLoss", "ScaledLoss",
+    "LossSpec", "NAMED_LOSSES", "resolve_loss", "from_torch_loss", "CURVATURES", "Rows", "check_curvature",
     "rows_for",
 ]

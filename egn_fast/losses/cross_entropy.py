@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .heads import Loss, LossHead
 from ..ops import Backend
+from .heads import Loss, LossHead
 
 __all__ = ["CrossEntropyLoss", "IGNORE_INDEX"]
 

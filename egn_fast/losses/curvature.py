@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .heads import Loss, LossHead
 from ..ops import Backend
+from .heads import Loss, LossHead
 
 __all__ = ["CURVATURES", "check_curvature", "Rows", "rows_for"]
 

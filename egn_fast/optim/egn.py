@@ -40,7 +40,7 @@ from ..losses import LossSpec, check_curvature
 from ..system import RowSpaceSystem, build_system
 from ..system.metric import adam_metric, check_metric
 from .damping import AdaptiveDamping, resolve_adaptive_damping
-from .functional import accept, apply_decay, apply_steps, lm_direction, lm_model, lm_steps, rollback
+from .functional import accept, apply_decay, apply_steps, lm_direction, lm_model, lm_steps, move_to, rollback
 from .line_search import ArmijoLineSearch, resolve_line_search
 from .model_optimizer import ModelOptimizer, ParamGroups
 from .momentum import check_momentum, momentum_direction
@@ -215,10 +215,11 @@ class EGN(ModelOptimizer):
 
         lm = lm_model(system, sol, steps, a, scale, forward if self.adaptive_damping is not None else None)
         saved = [p.detach().clone() for p in params]
-        verdict = accept(
-            lambda: self._loss_at(forward), params, saved, steps, system.loss, lm, damping,
-            self.line_search, self.adaptive_damping, self.egn_state["step_scale"],
-        )
+        def loss_at(t: float) -> float:
+            move_to(params, saved, steps, t)
+            return self._loss_at(forward)
+
+        verdict = accept(loss_at, system.loss, lm, damping, self.line_search, self.adaptive_damping, self.egn_state["step_scale"])
         info.loss_after, info.line_search_tries, info.rho, info.reason = verdict.loss_after, verdict.tries, verdict.rho, verdict.reason
         self.egn_state["damping"] = info.next_damping = verdict.next_damping
         if not verdict.accepted:

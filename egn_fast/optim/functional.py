@@ -5,8 +5,9 @@ in this order (the update rule: egn_fast.optim.egn):
     d̂, buffers     = momentum_direction(d, buffers, β, kind, t)     egn_fast.optim.momentum
     s, a           = lm_steps(d̂, lrs, max_step_norm, multiple)     s = lr·d̂, capped; s = a·d if known
     apply_steps(params, s, lrs, decays)                             no acceptance test: w ← (1 − lr·wd)w + s
-    model          = lm_model(system, sol, s, a, scale, forward)    gᵀs, sᵀHs, ‖s‖² of the LM model
-    verdict        = accept(trial_loss, params, saved, s, L, model, λ, line_search, adaptive, t_prev)
+    lm             = lm_model(system, sol, s, a, scale, forward)    gᵀs, sᵀHs, ‖s‖² of the LM model
+    verdict        = accept(loss_at, L, lm, λ, line_search, adaptive, t_prev)
+                     loss_at(t): move_to(params, saved, s, t), then the loss there
     rollback(params, saved) | apply_decay(params, saved, lrs, decays)
 """
 
@@ -26,7 +27,9 @@ from ..system.solve import dot
 from .damping import AdaptiveDamping, gain_ratio
 from .line_search import ArmijoLineSearch, backtrack
 
-__all__ = ["LMModel", "Verdict", "lm_direction", "lm_steps", "apply_steps", "lm_model", "accept", "rollback", "apply_decay"]
+__all__ = [
+    "LMModel", "Verdict", "lm_direction", "lm_steps", "apply_steps", "lm_model", "accept", "move_to", "rollback", "apply_decay",
+]
 
 
 def lm_direction(
@@ -107,31 +110,35 @@ class Verdict:
 
 
 def accept(
-    trial_loss: Callable[[], float],
-    params: list[nn.Parameter],
-    saved: list[Tensor],
-    steps: list[Tensor],
+    loss_at: Callable[[float], float],
     loss: float,
-    model: LMModel,
+    lm: LMModel,
     damping: float,
     line_search: ArmijoLineSearch | None,
     adaptive_damping: AdaptiveDamping | None,
     t_prev: float,
 ) -> Verdict:
-    """Try w + t·s (params hold the last trial point afterwards): Armijo backtracking on t (or t = 1
-    without a line search), then, with adaptive damping, the gain ratio ρ of the trial point
-    against the LM model, which rejects the step when ρ < 0 and sets the next λ."""
-    t, loss_after, tries = backtrack(trial_loss, params, saved, steps, loss, model.g_dot_s, line_search, t_prev)
+    """Try w + t·s (loss_at(t) moves the parameters there and returns the loss): Armijo
+    backtracking on t (or t = 1 without a line search), then, with adaptive damping, the gain
+    ratio ρ of the trial point against the LM model, which rejects the step when ρ < 0 and sets
+    the next λ. The parameters are left at the last trial point."""
+    t, loss_after, tries = backtrack(loss_at, loss, lm.g_dot_s, line_search, t_prev)
     verdict = Verdict(t, loss_after, tries, accepted=t > 0, next_damping=damping)
     if not verdict.accepted:
         verdict.reason = f"Armijo condition not met in {tries} tries"
     if adaptive_damping is not None:
         rho = math.nan
         if verdict.accepted:
-            rho, verdict.reason = gain_ratio(loss, loss_after, model.predicted_decrease(t, damping))
+            rho, verdict.reason = gain_ratio(loss, loss_after, lm.predicted_decrease(t, damping))
             verdict.rho, verdict.accepted = rho, rho >= 0
         verdict.next_damping = adaptive_damping.next(damping, rho)
     return verdict
+
+
+def move_to(params: list[nn.Parameter], saved: list[Tensor], steps: list[Tensor], t: float) -> None:
+    """w + t·s into the parameters (w = saved), in place."""
+    for p, x, s in zip(params, saved, steps):
+        p.copy_(x).add_(s, alpha=t)
 
 
 def rollback(params: list[nn.Parameter], saved: list[Tensor]) -> None:

@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from torch import Tensor, nn
-
 __all__ = ["ArmijoLineSearch", "resolve_line_search", "backtrack"]
 
 
@@ -35,24 +33,15 @@ def resolve_line_search(value: object) -> ArmijoLineSearch | None:
 
 
 def backtrack(
-    trial_loss: Callable[[], float],
-    params: list[nn.Parameter],
-    saved: list[Tensor],
-    steps: list[Tensor],
-    loss: float,
-    g_dot_s: float,
-    line_search: ArmijoLineSearch | None,
-    t_prev: float,
+    loss_at: Callable[[float], float], loss: float, g_dot_s: float, line_search: ArmijoLineSearch | None, t_prev: float
 ) -> tuple[float, float, int]:
-    """(t, the loss at w + t·s, tries): params are set to w + t·s (w = saved) for t = min(growth ·
-    t_prev, 1), min(…)·shrink, … until L(w + ts) ≤ L + c1·t·gᵀs (`trial_loss()` evaluates the
-    loss at the current params); t = 0.0 when no try passes. Without a line search: t = 1, one try."""
+    """(t, L(w + t·s), tries): loss_at(t) moves the parameters to w + t·s and returns the loss there;
+    t = min(growth · t_prev, 1), then ×shrink, until L(w + ts) ≤ L + c1·t·gᵀs; t = 0.0 when no
+    try passes (the parameters are then at the last try). Without a line search: t = 1, one try."""
     ls = line_search
     t = 1.0 if ls is None else min(ls.growth * t_prev, 1.0)
     for tries in range(1, (1 if ls is None else ls.max_tries) + 1):
-        for p, x, s in zip(params, saved, steps):
-            p.copy_(x).add_(s, alpha=t)
-        trial = trial_loss()
+        trial = loss_at(t)
         if ls is None or (math.isfinite(trial) and trial <= loss + ls.c1 * t * g_dot_s):
             return t, trial, tries
         t *= ls.shrink

@@ -18,15 +18,6 @@ from .row_space import RowSpaceSystem, Solution, WoodburySystem
 from .solve import EigenSolver, damped_solve
 
 __all__ = [
-    "build_system",
-    "RowSpaceSystem",
-    "WoodburySystem",
-    "Solution",
-    "EigenSolver",
-    "damped_solve",
-    "row_jvp",
-    "row_jvp_fn",
-    "direction",
-    "direction_with_info",
-    "DirectionResult",
+    "build_system", "RowSpaceSystem", "WoodburySystem", "Solution", "EigenSolver", "damped_solve", "row_jvp",
+    "row_jvp_fn", "direction", "direction_with_info", "DirectionResult",
 ]

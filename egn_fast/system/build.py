@@ -20,7 +20,7 @@ from ..checks import check_row_space, check_seq_method
 from ..errors import NonFiniteError
 from ..losses import LossSpec, check_curvature, resolve_loss, rows_for
 from ..ops import check_backend, get_backend
-from ..rules import Factors, RuleContext, layer_factors
+from ..rules import RuleContext, layer_factors
 from .row_space import RowSpaceSystem, WoodburySystem, project
 from .solve import dot
 

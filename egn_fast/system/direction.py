@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..capture import Closure, Inputs
+from ..capture import Inputs
 from ..checks import check_damping
 from ..losses import LossSpec, check_curvature
 from .build import build_system
@@ -42,11 +42,9 @@ class DirectionResult:
 
 def direction_with_info(
     model: nn.Module,
-    inputs: Inputs | None = None,
-    targets: Tensor | None = None,
+    inputs: Inputs,
+    targets: Tensor,
     *,
-    closure: Closure | None = None,
-    params: list[nn.Parameter] | None = None,
     loss: LossSpec = "mse",
     damping: float = 1.0,
     backend: str = "auto",
@@ -63,9 +61,7 @@ def direction_with_info(
     decrease, (with timings=True) seconds per stage, and the drawn samples.
 
     inputs: a tensor, a tuple (positional arguments) or a dict (keyword arguments); the model's
-    output is (b, …), flattened to (b, c); targets as the loss expects (egn_fast.losses). Instead
-    of (inputs, targets), closure() may run the model and return (outputs, targets).
-    params: the parameters J is taken with respect to (default: every one with requires_grad).
+    output is (b, …), flattened to (b, c); targets as the loss expects (egn_fast.losses).
     loss: "mse" | "cross_entropy" | "bce" | a `Loss` | torch's loss module | a per-sample callable.
     damping: λ ≥ 0. backend: op backend ("auto" | "torch" | "triton" | "cuda"); solve_dtype: the
     Cholesky's dtype (default the Gram's); seq_method: "auto" | "ghost" | "per_sample" for
@@ -87,13 +83,13 @@ def direction_with_info(
     check_curvature(curvature, mc_samples, generator, damping)
     mode = check_mode(process_group, distributed)
     build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
-    system = build(model, inputs, targets, closure=closure, params=params, loss=loss, backend=backend, seq_method=seq_method,
-                   timings=timings, curvature=curvature, mc_samples=mc_samples, generator=generator)
+    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings,
+                   curvature=curvature, mc_samples=mc_samples, generator=generator)
     sol, d = system.solve_and_backproject(damping, solve_dtype)
     return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings, getattr(system, "samples", None))
 
 
-def direction(model: nn.Module, inputs: Inputs | None = None, targets: Tensor | None = None, **options: Any) -> list[Tensor]:
+def direction(model: nn.Module, inputs: Inputs, targets: Tensor, **options: Any) -> list[Tensor]:
     """The exact Levenberg–Marquardt / EGN direction d = −(H + λI)⁻¹g for one mini-batch.
 
     H = (1/b)JᵀQJ is the Gauss-Newton matrix and g = (1/b)Jᵀr the gradient of the batch-mean
@@ -101,15 +97,18 @@ def direction(model: nn.Module, inputs: Inputs | None = None, targets: Tensor | 
     from per-layer activations and output-gradients, never materializing J.
 
     Returns one tensor per trainable parameter, in model.parameters() order, with the
-    parameter's shape, dtype and device: apply it as `p += lr * d`. The arguments (loss, damping,
-    backend, solve_dtype, seq_method, process_group, distributed, curvature, mc_samples,
-    generator, closure, params) are those of `direction_with_info`, which documents them.
+    parameter's shape, dtype and device: apply it as `p += lr * d`. The keyword arguments (loss,
+    damping, backend, solve_dtype, seq_method, process_group, distributed, curvature,
+    mc_samples, generator) are those of `direction_with_info`, which documents them.
     """
     return direction_with_info(model, inputs, targets, **options).direction
 
 
-# One list of arguments, `direction_with_info`'s, shown by help() and inspect for both.
-direction.__signature__ = inspect.signature(direction_with_info).replace(return_annotation="list[Tensor]")  # type: ignore[attr-defined]
+# One list of arguments, `direction_with_info`'s (less timings), shown by help() and inspect for both.
+_signature = inspect.signature(direction_with_info)
+direction.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p for name, p in _signature.parameters.items() if name != "timings"], return_annotation="list[Tensor]"
+)
 
 
 def _device(model: nn.Module) -> torch.device:
