@@ -14,6 +14,9 @@ import zlib
 
 import torch
 import torch.distributed as dist
+# before init_process_group: its `group=group.WORLD` defaults, bound at import (the first torch
+# optimizer imports it), would otherwise hold the group past destroy_process_group()
+import torch.distributed.nn  # noqa: F401
 from torch import nn
 
 import egn_fast
@@ -50,6 +53,11 @@ def main() -> None:
     dist.all_gather_object(crcs, zlib.crc32(flat.numpy().tobytes()))
     if rank == 0:
         print(f"{world} ranks, identical parameters: {len(set(crcs)) == 1}")
+    # destroy_process_group() stops gloo's worker threads only when nothing else holds the group:
+    # drop the optimizer first (and see the import at the top). A worker left alive can free the
+    # last collective's tensors during interpreter shutdown and abort the process ("terminate
+    # called without an active exception", pytorch/pytorch#117762).
+    del opt
     dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init: else its group.WORLD defaults outlive destroy (examples/torchrun_egn.py)
 import torch.multiprocessing as mp
 
 

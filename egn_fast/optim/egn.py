@@ -61,12 +61,12 @@ class EGN(ModelOptimizer):
             (per-token cross-entropy: over counted tokens, egn_fast.losses.cross_entropy).
         curvature: "exact" | "mc" (mc_samples rows per sample from targets drawn with
             `generator`; the default generator is seeded from torch's global RNG) | "empirical"
-            (egn_fast.losses.curvature). The state_dict carries the generator's state, so a resumed run
-            draws the same samples.
+            (egn_fast.losses.curvature). The state_dict carries the generator's state, so a
+            resumed run draws the same samples.
         metric: None (d = −(H + λI)⁻¹g) | "adam": d = −(H + λD)⁻¹g with D = √v̂ + metric_eps,
             v̂ the bias-corrected EMA (metric_beta) of g² (Adam's second moment, updated with
-            every step's gradient; egn_fast.system.metric). Off the rows' span the step is then Adam's
-            g/(λD) instead of g/λ: use it with curvature="mc"; λ acts as 1/Adam's lr.
+            every step's gradient; egn_fast.system.metric). Off the rows' span the step is then
+            Adam's g/(λD) instead of g/λ: use it with curvature="mc"; λ acts as 1/Adam's lr.
         lr: step multiplier per group (1.0 is the full LM step).
         damping: initial λ ≥ 0 in (H + λI).
         momentum: β ∈ [0, 1) on the direction; momentum_type "ema" | "heavy_ball" | "nesterov".
