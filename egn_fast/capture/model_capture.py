@@ -40,7 +40,6 @@ class ModelCapture:
     recorded calls, their outputs' batch layouts applied; clock: seconds per stage, "forward" done.
     """
 
-    model: nn.Module
     params: list[nn.Parameter]
     device: torch.device
     outputs: Tensor
@@ -114,4 +113,4 @@ def capture_model(
     trainable = {id(p) for p in params}
     with clock("forward"), undone_on_error(model, device) as state:
         capture, outputs, targets, plan = capture_planned(model, forward, hooked, trainable, state, batch_size)
-    return ModelCapture(model, params, device, outputs, targets, capture.output_shape, plan, capture.calls, state, clock)
+    return ModelCapture(params, device, outputs, targets, capture.output_shape, plan, capture.calls, state, clock)

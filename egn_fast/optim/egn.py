@@ -215,6 +215,7 @@ class EGN(ModelOptimizer):
 
         lm = lm_model(system, sol, steps, a, scale, forward if self.adaptive_damping is not None else None)
         saved = [p.detach().clone() for p in params]
+
         def loss_at(t: float) -> float:
             move_to(params, saved, steps, t)
             return self._loss_at(forward)
