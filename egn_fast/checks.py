@@ -100,6 +100,10 @@ def per_sample_outputs(out: Any) -> Tensor:
 # Beyond this many rows a step that fits in memory still factors an m×m matrix (m³/3 flops): warn.
 LARGE_ROW_SPACE = 10_000
 ROW_SPACE_MATRICES = 3  # peak m×m matrices of a step: K, K + bλI, its Cholesky factor
+# Systems that need less than this many bytes are not checked against the free memory: reading it
+# costs a file read (CPU) or a driver call (CUDA) per step, and 64 MiB that do not fit would fail
+# the step's other allocations as well.
+MEMORY_CHECKED_FROM = 1 << 26
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -131,9 +135,12 @@ def _size(n: float) -> str:
 
 def check_row_space(b: int, s: int, dtype: torch.dtype, device: torch.device) -> None:
     """Before the Gram is built: refuse an m×m system (m = b·s) that cannot fit on `device`, with
-    the numbers and the ways out; warn once per size when it fits but m is large."""
+    the numbers and the ways out (systems under MEMORY_CHECKED_FROM bytes are not checked); warn
+    once per size when it fits but m is large."""
     m = b * s
     need = ROW_SPACE_MATRICES * m * m * torch.finfo(dtype).bits // 8
+    if need < MEMORY_CHECKED_FROM and m <= LARGE_ROW_SPACE:
+        return
     ways_out = (
         "use a smaller batch or fewer outputs per sample, curvature='mc' (b·mc_samples rows, e.g. for per-token "
         "losses), or egn_fast.SGN (conjugate gradients, no m×m matrix)"

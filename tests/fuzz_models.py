@@ -165,10 +165,68 @@ def build_mixing(draw: Draw, z: Sizes) -> tuple[nn.Module, Any]:
     return model, torch.randint(0, 5, (z.b, z.T)) if model.kind == "scale_grad_by_freq" else _x(z.b, 3)
 
 
+class _ScaleShift(nn.Module):
+    """A custom module (the torch.func rule covers it): x·γ + β."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.randn(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma + self.beta
+
+
+class AwkwardNet(nn.Module):
+    """Patterns once refused although exact rows exist. root_*: the root owns a parameter used in
+    its own forward, so the torch.func rule re-runs the whole model per sample, a GRU, LSTM,
+    Embedding(padding_idx) or eval BatchNorm included; table: a constant table through a layer that
+    the model broadcasts itself (x + pf(table)[None]); dead_path: a custom module after a ReLU whose
+    outputs a 0/1 gate switches off for samples 0 and b − 1 (the two the layout probe asks first)."""
+
+    KINDS = ("root_gru", "root_lstm", "root_embedding", "root_batch_norm", "table", "dead_path")
+
+    def __init__(self, draw: Draw, z: Sizes):
+        super().__init__()
+        self.kind, w = draw.choice(self.KINDS), draw.int(2, 4)
+        self.scale = nn.Parameter(torch.rand(3) + 0.5)
+        self.emb = nn.Embedding(6, 3, padding_idx=0)
+        self.inner = {"root_gru": nn.GRU(3, w, batch_first=True), "root_lstm": nn.LSTM(3, w),
+                      "root_batch_norm": nn.BatchNorm1d(3)}.get(self.kind, nn.Identity())
+        self.register_buffer("table", torch.randn(z.T, 3))
+        self.pf = nn.Linear(3, 3) if draw.bool() else _ScaleShift(3)
+        self.inp, self.gated = nn.Linear(3, w), _ScaleShift(w)
+        self.head = nn.Linear(w if self.kind in ("root_gru", "root_lstm", "dead_path") else 3, z.c)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        # one input (b, T, 5): features, a token id, and the gate's switch (the same at every t)
+        x, ids, switch = packed[..., :3], packed[..., 3].long(), packed[:, 0, 4]
+        if self.kind == "table":
+            return self.head(torch.tanh(x + self.pf(self.table)[None]).mean(1))
+        if self.kind == "dead_path":
+            h = self.gated(F.relu(self.inp(x.mean(1))))
+            return self.head(h * (switch[:, None] > 0))  # exactly zero gradient for switched-off samples
+        h = self.emb(ids) * self.scale + x
+        if self.kind == "root_gru":
+            h = self.inner(h)[0]
+        elif self.kind == "root_lstm":
+            h = self.inner(h.transpose(0, 1))[0].transpose(0, 1)
+        elif self.kind == "root_batch_norm":
+            h = self.inner(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def build_awkward(draw: Draw, z: Sizes) -> tuple[nn.Module, Any]:
+    switch = torch.ones(z.b, dtype=torch.float64)
+    if z.b > 2:  # samples 0 and b − 1 switched off, some stay alive
+        switch[0] = switch[-1] = -1.0
+    ids = torch.randint(0, 6, (z.b, z.T)).double()
+    return AwkwardNet(draw, z), torch.cat([_x(z.b, z.T, 3), ids[..., None], switch[:, None, None].expand(z.b, z.T, 1)], 2)
+
+
 FAMILIES: dict[str, Callable[[Draw, Sizes], tuple[nn.Module, Any]]] = {
     "mlp": build_mlp, "sequence": build_sequence, "conv": build_conv, "embedding": build_embedding,
     "norms": build_norms, "tied_functional": build_tied, "attention": build_attention, "rnn": build_rnn,
-    "parametrize": build_parametrize, "mixing": build_mixing,
+    "parametrize": build_parametrize, "awkward": build_awkward, "mixing": build_mixing,
 }
 MIXING = {"mixing"}
 

@@ -159,6 +159,7 @@ def _same(model, snapshot):
 
 
 def _tiny_memory(monkeypatch):
+    monkeypatch.setattr(egn_fast.checks, "MEMORY_CHECKED_FROM", 0)
     monkeypatch.setattr(egn_fast.checks, "available_memory", lambda device: 1000)
 
 
@@ -198,6 +199,7 @@ def test_row_space_guard_allows_what_fits_and_sgn_needs_no_gram(mlp, monkeypatch
     model, x = mlp
     y = torch.randn(5, 3, dtype=torch.float64)
     need = egn_fast.checks.ROW_SPACE_MATRICES * 15 * 15 * 8  # three 15×15 float64 matrices
+    monkeypatch.setattr(egn_fast.checks, "MEMORY_CHECKED_FROM", 0)
     monkeypatch.setattr(egn_fast.checks, "available_memory", lambda device: need)
     egn_fast.direction(model, x, y)  # exactly fits
     monkeypatch.setattr(egn_fast.checks, "available_memory", lambda device: need - 1)
@@ -205,6 +207,19 @@ def test_row_space_guard_allows_what_fits_and_sgn_needs_no_gram(mlp, monkeypatch
         egn_fast.direction(model, x, y)
     info = egn_fast.SGN(model).step(x, y)  # matrix-free: no m×m matrix, not refused
     assert info.direction_norm > 0
+
+
+def test_small_systems_do_not_read_the_free_memory(mlp, monkeypatch):
+    model, x = mlp
+
+    def unreadable(device):
+        raise AssertionError("the free memory was read for a system far under MEMORY_CHECKED_FROM")
+
+    monkeypatch.setattr(egn_fast.checks, "available_memory", unreadable)
+    egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64))  # 15 rows: no file read per step
+    monkeypatch.setattr(egn_fast.checks, "MEMORY_CHECKED_FROM", 0)
+    with pytest.raises(AssertionError, match="free memory was read"):
+        egn_fast.direction(model, x, torch.randn(5, 3, dtype=torch.float64))
 
 
 def test_large_row_space_warns_once_it_fits(mlp, monkeypatch):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fuzz_check import check
 from fuzz_models import FAMILIES, MIXING, Case, HypothesisDraw, MixingNet, RandomDraw, build_case, find_case
 
-EXAMPLES = 30  # per family: 300 architectures, ~10–40 s on 2 shared CPU cores when all pass
+EXAMPLES = 30  # per family: 330 architectures, ~10–40 s on 2 shared CPU cores when all pass
 
 fuzz_settings = settings(
     derandomize=True,
@@ -63,6 +63,7 @@ test_fuzz_tied_functional = _family_test("tied_functional")
 test_fuzz_attention = _family_test("attention")
 test_fuzz_rnn = _family_test("rnn")
 test_fuzz_parametrize = _family_test("parametrize")
+test_fuzz_awkward = _family_test("awkward")
 test_fuzz_mixing = _family_test("mixing")
 
 

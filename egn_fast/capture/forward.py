@@ -16,13 +16,16 @@ from torch import Tensor, nn
 
 from ..checks import per_sample_outputs
 from ..errors import NonFiniteError
-from .hooks import Capture, Closure
-from .plan import OutputKey, Plan, mixing_error, plan_for
+from .hooks import Capture, Closure, ModuleCall
+from .plan import OutputKey, Plan, mixing_error, module_names, plan_for
 
 __all__ = ["ModelState", "undone_on_error", "capture_planned"]
 
-# Per model: the batch size and the outputs that its last plan found shared (layout.py).
-_SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple]]]" = weakref.WeakKeyDictionary()
+# Per model: the batch size, the outputs that its last plan found shared (layout.py) and which of
+# them are given per-row gradients instead of copies.
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[OutputKey, tuple], frozenset[OutputKey]]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ModelState:
@@ -74,39 +77,52 @@ def capture_planned(
     """Run the captured forward and plan it: (capture, f_flat (b, c), targets, plan), the plan's
     layouts applied to the calls. batch_size: b when known before the forward (the targets'),
     else the last plan's is assumed for shared tensors and checked. `state` (taken before the
-    first forward) is restored before every re-run, so the model's own forward takes effect once."""
-    b_shared, expand = _SHARED.get(model, (0, {}))
+    first forward) is restored before every re-run, so the model's own forward takes effect once.
+
+    A shared output that the model cannot take as b copies (it adds a batch dimension of its own,
+    `x + pf(table)[None]`) is given per-row gradients instead (hooks.output_grads) when its call
+    takes only the model's own parameters and buffers: then it is the same for every sample by
+    construction, not a sign of samples mixing."""
+    b_shared, expand, rowwise = _SHARED.get(model, (0, {}, frozenset()))
     b_shared = batch_size or b_shared  # which outputs are shared does not depend on b
     newest: dict[OutputKey, tuple] = {}  # the expansion this attempt tries for the first time
+    own: set[OutputKey] = set()  # those of newest whose calls take only the model's own tensors
     reference: Tensor | None = None  # f before it, which the expansion must leave unchanged
     for attempt in range(5):
         if attempt:
             state.restore()
         try:
-            with torch.enable_grad(), Capture(hooked, expand, b_shared) as capture:
+            with torch.enable_grad(), Capture(hooked, expand, b_shared, rowwise) as capture:
                 out, targets = forward()
                 # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
                 f_flat = per_sample_outputs(out)  # a tensor (b, …), b ≥ 1, flattened to (b, c)
         except Exception as err:
+            if newest and newest.keys() <= own:
+                rowwise, newest = rowwise | newest.keys(), {}
+                continue
             if newest:
-                raise mixing_error(_names(model), next(iter(newest))) from err
+                raise mixing_error(module_names(model), next(iter(newest))) from err
             if not expand:
                 raise
-            expand = {}  # expansions made for another batch size broke the forward: plan afresh
+            expand, rowwise = {}, frozenset()  # expansions made for another batch size broke the forward: plan afresh
             continue
         _check_outputs(f_flat)
         b = out.shape[0]
         if any(c.expanded for calls in capture.calls.values() for c in calls) and not newest:
             if b != b_shared or _target_batch(targets) not in (None, b):
-                expand = {}  # made for another batch size
+                expand, rowwise = {}, frozenset()  # made for another batch size
                 continue
         if newest and not _unchanged(reference, f_flat):
-            raise mixing_error(_names(model), next(iter(newest)))
+            if newest.keys() <= own:
+                rowwise, newest = rowwise | newest.keys(), {}
+                continue
+            raise mixing_error(module_names(model), next(iter(newest)))
         plan = plan_for(model, capture, f_flat, trainable)
         if plan.shared:
             if newest:  # already expanded once and still not per-sample
-                raise mixing_error(_names(model), next(iter(plan.shared)))
+                raise mixing_error(module_names(model), next(iter(plan.shared)))
             reference, newest = f_flat.detach(), plan.shared
+            own = {key for key in newest if _takes_own_tensors(model, capture.calls[key[0]][key[1]])}
             expand, b_shared = {**expand, **plan.shared}, b
             continue
         newest = {}
@@ -114,15 +130,18 @@ def capture_planned(
         # would corrupt our factors: remember those modules and capture again with copies.
         if capture.stale_modules(plan.modules()):
             continue
-        _SHARED[model] = (b, expand)
+        _SHARED[model] = (b, expand, rowwise)
         plan.apply(capture)
         capture.output_shape = tuple(out.shape)
         return capture, f_flat, targets, plan
     raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
 
 
-def _names(model: nn.Module) -> dict[nn.Module, str]:
-    return {m: n for n, m in model.named_modules()}
+def _takes_own_tensors(model: nn.Module, call: ModuleCall) -> bool:
+    """Whether every tensor the call took is one of the model's parameters or buffers (or a view
+    of one): its outputs are then the same for every sample by construction."""
+    own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    return bool(call.inputs) and all(id(x) in own or (x._base is not None and id(x._base) in own) for x in call.inputs)
 
 
 def _target_batch(targets: object) -> int | None:

@@ -70,10 +70,13 @@ class ModuleCall:
     """One call of a module: its inputs, the outputs that carry gradient, and their gradients.
 
     outputs[q] is output leaf number output_index[q] (pytree order); layouts[q] says where its
-    samples lie (set by the plan, layout.py); expanded holds the q whose output was shared
-    by all samples and handed to the model as (b, …) copies (outputs[q] is then that copy).
+    samples lie (set by the plan, layout.py); expanded holds the q whose output is shared by
+    all samples: handed to the model as (b, …) copies (outputs[q] is then that copy), or, for
+    the q in `rowwise` (a shared output the model cannot take as copies), left as it is and
+    given one output-gradient per Jacobian row. Rules treat both alike (`batch_first`).
     grads[q] is filled by `output_grads`: (b, s, *rest) with rest = outputs[q]'s shape less the
-    samples (`to_batch_first`), or None when that output does not reach the loss.
+    samples (`to_batch_first`; for an expanded output, its shape once expanded less the
+    samples), or None when that output does not reach the loss.
     """
 
     args: tuple
@@ -82,6 +85,7 @@ class ModuleCall:
     outputs: list[Tensor]
     output_index: list[int]
     expanded: frozenset[int] = frozenset()
+    rowwise: frozenset[int] = frozenset()
     layouts: list[BatchDim] = field(init=False)
     grads: list[Tensor | None] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -109,13 +113,21 @@ class Capture:
     The hooks are removed on exit, so later re-runs of a module (the generic rule's torch.func
     calls) record nothing. expand: {(module, call number, output number q): shape} of outputs
     that are shared by all samples (layout.py); an output of that shape is handed on as
-    b copies, batch size b.
+    b copies, batch size b, unless its key is in `rowwise` (then it is recorded as shared and
+    left as it is; `output_grads` gives it one output-gradient per row).
     """
 
-    def __init__(self, modules: list[nn.Module], expand: dict[tuple[nn.Module, int, int], tuple] | None = None, b: int = 0):
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        expand: dict[tuple[nn.Module, int, int], tuple] | None = None,
+        b: int = 0,
+        rowwise: frozenset[tuple[nn.Module, int, int]] = frozenset(),
+    ):
         self.modules = modules
         self.calls: dict[nn.Module, list[ModuleCall]] = {}
         self.expand = expand or {}
+        self.rowwise = rowwise
         self.b = b
         self.output_shape: tuple[int, ...] = ()  # the model's outputs (b, …) before flattening
         self._handles: list[Any] = []
@@ -137,13 +149,18 @@ class Capture:
             leaves, spec = tree_flatten(output)
         index = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
         replaced = None
-        n = len(self.calls.get(module, []))
-        expanded = frozenset(
-            j for j, q in enumerate(index) if self.expand.get((module, n, j)) == tuple(leaves[q].shape)
-        )
+        expanded = rowwise = frozenset()
+        if self.expand:
+            n = len(self.calls.get(module, []))
+            expanded = frozenset(
+                j for j, q in enumerate(index) if self.expand.get((module, n, j)) == tuple(leaves[q].shape)
+            )
+            rowwise = frozenset(j for j in expanded if (module, n, j) in self.rowwise)
         if expanded or len(index) > 1:
             leaves = list(leaves)
             for j, q in enumerate(index):
+                if j in rowwise:
+                    continue
                 if j in expanded:
                     leaves[q] = expand_shared(leaves[q], self.b)
                 elif len(index) > 1:
@@ -162,7 +179,7 @@ class Capture:
                 passed[q] = leaves[q].clone()
             replaced = passed[0] if spec is None else tree_unflatten(passed, spec)
         inputs = _tensors(args) if not kwargs else _tensors((args, kwargs))
-        call = ModuleCall(args, kwargs, inputs, [leaves[q] for q in index], index, expanded)
+        call = ModuleCall(args, kwargs, inputs, [leaves[q] for q in index], index, expanded, rowwise)
         self.calls.setdefault(module, []).append(call)
         return replaced
 
@@ -182,21 +199,55 @@ def output_grads(f_flat: Tensor, cotangents: Tensor, calls: list[ModuleCall]) ->
 
     f_flat: (b, c) model outputs; cotangents: (s, b, c), column k of S for every sample.
     Each gradient is stored sample-major: (b, s, *rest), the samples taken from where
-    call.layouts says they lie in z.
+    call.layouts says they lie in z. A row-wise shared output gets ∂(S_ik·f_i)/∂z for every
+    row (i, k) from a backward of its own with one cotangent per row (`_rowwise_grads`).
     """
-    zs = [z for call in calls for z in call.outputs]
+    outs = [(call, q) for call in calls for q in range(len(call.outputs))]
+    rowwise = [(call, q) for call, q in outs if q in call.rowwise]
+    grads = dict(zip(map(_key, rowwise), _rowwise_grads(f_flat, cotangents, [c.outputs[q] for c, q in rowwise])))
+    plain = [(call, q) for call, q in outs if q not in call.rowwise]
+    zs = [call.outputs[q] for call, q in plain]
     s, b = cotangents.shape[0], f_flat.shape[0]
     if s == 1:
-        grads = torch.autograd.grad(f_flat, zs, cotangents[0], allow_unused=True)
-        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        plain_grads = torch.autograd.grad(f_flat, zs, cotangents[0], allow_unused=True)
+        plain_grads = [None if g is None else g.unsqueeze(0) for g in plain_grads]
     else:
-        grads = torch.autograd.grad(f_flat, zs, cotangents, is_grads_batched=True, allow_unused=True)
-    layouts = [layout for call in calls for layout in call.layouts]
-    grads = [None if g is None else to_batch_first(g, layout.shifted(1), b) for g, layout in zip(grads, layouts)]
-    q = 0
+        plain_grads = torch.autograd.grad(f_flat, zs, cotangents, is_grads_batched=True, allow_unused=True)
+    for (call, q), g in zip(plain, plain_grads):
+        grads[_key((call, q))] = None if g is None else to_batch_first(g, call.layouts[q].shifted(1), b)
     for call in calls:
-        call.grads = list(grads[q : q + len(call.outputs)])
-        q += len(call.outputs)
+        call.grads = [grads[_key((call, q))] for q in range(len(call.outputs))]
+
+
+def _key(call_output: tuple[ModuleCall, int]) -> tuple[int, int]:
+    return id(call_output[0]), call_output[1]
+
+
+# A row-wise backward takes at most this many rows' cotangents at once.
+_ROWWISE_CHUNK = 32
+
+
+def _rowwise_grads(f_flat: Tensor, cotangents: Tensor, zs: list[Tensor]) -> list[Tensor | None]:
+    """∂(S_ik·f_i)/∂z for every row (i, k) and every z shared by all samples: (b, s, *z
+    expanded less its samples), or None where f does not depend on z. The batched backward cannot
+    give these (it sums the rows of all samples into a shared z), so every row gets a cotangent
+    of its own, `_ROWWISE_CHUNK` rows per backward; the graph is kept for the batched one."""
+    if not zs:
+        return []
+    s, b, c = cotangents.shape
+    per_row = torch.zeros(b, s, b, c, dtype=cotangents.dtype, device=cotangents.device)
+    samples = torch.arange(b, device=cotangents.device)
+    per_row[samples, :, samples, :] = cotangents.permute(1, 0, 2)  # row (i, k) holds S_ik at sample i only
+    per_row = per_row.view(b * s, b, c)
+    chunks = [
+        torch.autograd.grad(f_flat, zs, per_row[r : r + _ROWWISE_CHUNK], is_grads_batched=True, allow_unused=True, retain_graph=True)
+        for r in range(0, b * s, _ROWWISE_CHUNK)
+    ]
+    shapes = [z.shape[1:] if z.dim() and z.shape[0] == 1 else z.shape for z in zs]  # as `expand_shared` lays it out
+    return [
+        None if parts[0] is None else torch.cat(parts).view(b, s, *shape)
+        for parts, shape in zip(zip(*chunks), shapes)
+    ]
 
 
 def params_reached_outside(f: Tensor, regions: list[ModuleCall]) -> set[int]:

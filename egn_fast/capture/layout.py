@@ -1,9 +1,11 @@
 """Where the samples lie in each recorded tensor (docs/design.md §2.1).
 
 A rule reads per-sample rows from a module's input a and output-gradient G, so it must know
-which slices of a and z belong to sample i. `probe_layouts` finds out once per plan, with one
-backward from two samples' outputs: for a recorded tensor z, sample i's slice is the one whose
-entries move f_i and no other f_j. Three outcomes:
+which slices of a and z belong to sample i. The plan finds out once (egn_fast.capture.plan), with
+one backward from two samples' outputs (`probe_grads`): for a recorded tensor z, sample i's slice
+is the one whose entries move f_i and no other f_j. A z that moves neither probed sample's output
+(its path is dead for them: ReLUs off) is probed again from the other samples' outputs, so a
+path that is dead only for some samples still gets its layout read. Three outcomes:
 
 - a batch dimension `BatchDim(dim, fold, minor)`: z.shape[dim] = b·fold, sample i at
   [i·fold, (i+1)·fold) (sample-major; fold = 1 is the plain case, fold = T is x.reshape(-1, D)
@@ -58,26 +60,28 @@ def _sample_indices(nonzero: Tensor, dim: int) -> Tensor:
     return nonzero.movedim(dim, 0).reshape(nonzero.shape[dim], -1).any(1).nonzero().flatten()
 
 
-def find_batch_dim(first: Tensor, last: Tensor, b: int) -> BatchDim | None:
-    """The batch layout read off two probe gradients of a tensor z: `first` = ∂(v₀·f₀)/∂z and
-    `last` = ∂(v·f_{b−1})/∂z (random v). None when no dimension separates the two samples
-    (z is shared, or samples mix downstream of it)."""
-    nz_first, nz_last = first != 0, last != 0
+def find_batch_dim(grads: Tensor, samples: list[int], b: int) -> BatchDim | None:
+    """The batch layout read off probe gradients of a tensor z: grads[k] = ∂(v·f_i)/∂z for
+    i = samples[k] (random v). None when no dimension confines every probed sample to its own
+    slice (z is shared, or samples mix downstream of it)."""
+    shape = grads.shape[1:]
+    nonzero = grads != 0
+    alive = [(i, nonzero[k]) for k, i in enumerate(samples) if bool(nonzero[k].any())]
     plain, folded = [], []
-    for k, size in enumerate(first.shape):
+    for k, size in enumerate(shape):
         if size % b == 0:
             (plain if size == b else folded).append(k)
-    if not (nz_first.any() or nz_last.any()):
-        # Neither probed sample's output depends on z (a dead path: LayerNorm over one feature, all
+    if not alive:
+        # No probed sample's output depends on z (a dead path: LayerNorm over one feature, all
         # ReLUs off): nothing to read. Take the first dimension that can hold the samples; if z
         # is dead for every sample its rows are zero whatever the choice.
-        return BatchDim(plain[0]) if plain else BatchDim(folded[0], first.shape[folded[0]] // b) if folded else None
+        return BatchDim(plain[0]) if plain else BatchDim(folded[0], shape[folded[0]] // b) if folded else None
     for k in plain + folded:
-        fold = first.shape[k] // b
-        i0, i1 = _sample_indices(nz_first, k), _sample_indices(nz_last, k)
-        if bool((i0 < fold).all()) and bool((i1 >= (b - 1) * fold).all()):
+        fold = shape[k] // b
+        where = [(i, _sample_indices(nz, k)) for i, nz in alive]
+        if all(bool(((idx >= i * fold) & (idx < (i + 1) * fold)).all()) for i, idx in where):
             return BatchDim(k, fold)
-        if fold > 1 and bool((i0 % b == 0).all()) and bool((i1 % b == b - 1).all()):
+        if fold > 1 and all(bool((idx % b == i).all()) for i, idx in where):
             return BatchDim(k, fold, minor=True)
     return None
 
@@ -89,14 +93,13 @@ def expand_shared(z: Tensor, b: int) -> Tensor:
     return expanded.contiguous()
 
 
-def probe_grads(f_flat: Tensor, zs: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
-    """(∂(v₀·f₀)/∂z, ∂(v·f_{b−1})/∂z) for every z, v random: one backward with 2 batched
-    cotangents. None for a z that f does not depend on. The graph is kept for later passes."""
-    b = f_flat.shape[0]
+def probe_grads(f_flat: Tensor, zs: list[Tensor], samples: list[int]) -> list[Tensor | None]:
+    """∂(v_k·f_i)/∂z for i = samples[k] and every z, v_k random: one backward with len(samples)
+    batched cotangents -> per z (len(samples), *z.shape), None for a z that f does not depend on.
+    The graph is kept for later passes."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.zeros(2, *f_flat.shape, dtype=f_flat.dtype, device=f_flat.device)
-    # values in [1, 2): no cancellation to an exact zero that would hide a dependence
-    v[0, 0] = (1 + torch.rand(f_flat.shape[1], generator=gen, dtype=torch.float64)).to(v)
-    v[1, b - 1] = (1 + torch.rand(f_flat.shape[1], generator=gen, dtype=torch.float64)).to(v)
-    grads = torch.autograd.grad(f_flat, zs, v, is_grads_batched=True, allow_unused=True, retain_graph=True)
-    return [None if g is None else (g[0], g[1]) for g in grads]
+    v = torch.zeros(len(samples), *f_flat.shape, dtype=f_flat.dtype, device=f_flat.device)
+    for k, i in enumerate(samples):
+        # values in [1, 2): no cancellation to an exact zero that would hide a dependence
+        v[k, i] = (1 + torch.rand(f_flat.shape[1], generator=gen, dtype=torch.float64)).to(v)
+    return list(torch.autograd.grad(f_flat, zs, v, is_grads_batched=True, allow_unused=True, retain_graph=True))

@@ -26,7 +26,7 @@ from ..rules.registry import Rule, registry_version
 from .hooks import Capture, Inputs, params_reached_outside
 from .layout import BatchDim, find_batch_dim, probe_grads
 
-__all__ = ["Plan", "OutputKey", "collect_trainable", "check_inputs", "plan_for", "mixing_error"]
+__all__ = ["Plan", "OutputKey", "collect_trainable", "check_inputs", "plan_for", "mixing_error", "module_names"]
 
 
 def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[list[nn.Parameter], list[nn.Module]]:
@@ -110,52 +110,75 @@ class Plan:
                 call.layouts = list(layouts)
 
 
-# Plans per model. The key holds everything a plan is made from: which modules were called how
-# often with which shapes (and which outputs were expanded), which parameters J is taken with
-# respect to, which of them the graph reaches outside the rules' modules, and the rule registry.
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
+# Plans per model. The keys hold everything a plan is made from: which modules (of which type)
+# were called how often with which shapes (and which outputs were expanded), which parameters J
+# is taken with respect to and the rule registry; then which of those parameters the graph reaches
+# outside the rules' modules.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _PatternPlans]]" = weakref.WeakKeyDictionary()
 
 
 def _call_pattern(capture: Capture) -> tuple:
     return tuple(
-        (id(m), tuple((tuple(tuple(t.shape) for t in c.inputs + c.outputs), c.expanded) for c in calls))
+        (id(m), type(m), tuple((tuple(tuple(t.shape) for t in c.inputs + c.outputs), c.expanded, c.rowwise) for c in calls))
         for m, calls in capture.calls.items()
     )
 
 
-def _check_called(capture: Capture, names: dict[nn.Module, str]) -> None:
+def _check_called(capture: Capture, model: nn.Module) -> None:
     """Refuse the modules that ran in this forward in a way no rule can follow (checked every step:
     a module's mode or options can change between steps with the same calls)."""
     for m in capture.calls:
-        name = names.get(m, "")
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
+            name = module_names(model).get(m, "")
             raise ValueError(
                 f"module {name!r} ({type(m).__name__} with scale_grad_by_freq=True) scales its gradient by "
                 "token counts over the whole batch, which mixes samples: set scale_grad_by_freq=False"
             )
         if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
+            name = module_names(model).get(m, "")
             raise ValueError(
                 f"module {name!r} ({type(m).__name__}) updates its running statistics in train mode; "
                 "egn_fast leaves the model untouched: call .eval() on it or set track_running_stats=False"
             )
 
 
+@dataclass
+class _PatternPlans:
+    """What a call pattern decides (which called modules a registered rule covers), and its
+    plans per set of parameters the graph reaches outside those modules."""
+
+    specific: list[tuple[str, nn.Module, Rule]]
+    covered: set[int]
+    plans: dict[frozenset[int], Plan] = field(default_factory=dict)
+
+
 def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[int]) -> Plan:
     """The cached plan for this call pattern, or a new one (one walk of the autograd graph, one
-    probe backward and, for generic modules with ambiguous arguments, trial per-sample forwards)."""
-    names = {m: n for n, m in model.named_modules()}
-    _check_called(capture, names)
-    specific, covered = _specific_modules(capture, trainable, names)
-    reached = params_reached_outside(f_flat, [c for _, m, _ in specific for c in capture.calls[m]])
-    key = (_call_pattern(capture), tuple(sorted(trainable)), frozenset(reached), registry_version())
+    probe backward and, for generic modules with ambiguous arguments, trial per-sample forwards).
+    A known pattern costs the checks of `_check_called`, the key and the graph walk: a forward can
+    reach a parameter outside its module on one step and not on another."""
+    _check_called(capture, model)
+    key = (_call_pattern(capture), tuple(sorted(trainable)), registry_version())
     cache = _PLANS.setdefault(model, {})
-    plan = cache.get(key)
+    names = None
+    pattern = cache.get(key)
     # ids can be reused by a module that replaced a freed one: the plan must name these modules
+    if pattern is None or not all(m in capture.calls for _, m, _ in pattern.specific):
+        names = module_names(model)
+        pattern = cache[key] = _PatternPlans(*_specific_modules(capture, trainable, names))
+    reached = frozenset(params_reached_outside(f_flat, [c for _, m, _ in pattern.specific for c in capture.calls[m]]))
+    plan = pattern.plans.get(reached)
     if plan is None or not all(m in capture.calls for m in plan.modules()):
-        plan = _make_plan(model, capture, f_flat, trainable, names, specific, covered, reached)
+        names = names or module_names(model)
+        plan = _make_plan(model, capture, f_flat, trainable, names, pattern.specific, pattern.covered, reached)
         if not plan.shared and not plan.guessed:
-            cache[key] = plan
+            pattern.plans[reached] = plan
     return plan
+
+
+def module_names(model: nn.Module) -> dict[nn.Module, str]:
+    """Every module of `model` → its qualified name (for messages and plans)."""
+    return {m: n for n, m in model.named_modules()}
 
 
 def _specific_modules(
@@ -227,35 +250,60 @@ def _make_plan(
     return plan
 
 
+# The re-probe of tensors dead for the first two probed samples asks this many samples at once.
+_REPROBE_SAMPLES = 16
+
+
+def _layouts(f_flat: Tensor, xs: list[Tensor]) -> tuple[list[BatchDim | None], set[int], set[int]]:
+    """(the batch layout of every x (BatchDim(0) for one f does not depend on), the ids of the x
+    some sample's output depends on, the ids of the x f depends on but no sample's output does
+    (dead: their layout is a guess)). Samples 0 and b − 1 are probed first; an x dead for both
+    is probed again from the other samples, a chunk at a time."""
+    b = f_flat.shape[0]
+    grads = probe_grads(f_flat, xs, [0, b - 1]) if xs else []
+    found = [BatchDim(0) if g is None else find_batch_dim(g, [0, b - 1], b) for g in grads]
+    dead = {k for k, g in enumerate(grads) if g is not None and not g.any()}
+    for i0 in range(1, b - 1, _REPROBE_SAMPLES):
+        if not dead:
+            break
+        samples = list(range(i0, min(b - 1, i0 + _REPROBE_SAMPLES)))
+        ks = sorted(dead)
+        for k, g in zip(ks, probe_grads(f_flat, [xs[k] for k in ks], samples)):
+            if g.any():
+                found[k] = find_batch_dim(g, samples, b)
+                dead.discard(k)
+    dead_ids = {id(xs[k]) for k in dead}
+    reaching = {id(x) for x, g in zip(xs, grads) if g is not None and id(x) not in dead_ids}
+    return found, reaching, dead_ids
+
+
 def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, str]) -> None:
-    """Fill plan.layouts (or plan.shared) from one probe backward, then plan.in_dims."""
+    """Fill plan.layouts (or plan.shared) from the probe backwards, then plan.in_dims."""
     b = f_flat.shape[0]
     calls = [(m, n, c) for m in plan.modules() for n, c in enumerate(capture.calls[m])]
     generic = {m for _, m, _ in plan.generic}
     # the generic rule also needs its differentiable arguments' layouts
     args = [x for m, _, c in calls if m in generic for x in c.inputs if x.requires_grad]
-    zs = [z for _, _, c in calls for z in c.outputs]
-    grads = probe_grads(f_flat, zs + args) if zs + args else []
-    found = [BatchDim(0) if g is None else find_batch_dim(*g, b) for g in grads]
+    # a row-wise output is shared by construction: its rows come from a backward of its own
+    zs = [z for _, _, c in calls for q, z in enumerate(c.outputs) if q not in c.rowwise]
+    found, reaching, dead = _layouts(f_flat, zs + args)
     layout_of = {id(x): d for x, d in zip(zs + args, found)}
-    dead = {id(z) for z, g in zip(zs, grads) if g is not None and not (g[0].any() or g[1].any())}
-    plan.guessed = bool(dead)
+    plan.guessed = any(id(z) in dead for z in zs)
     for m, n, c in calls:
         per_call = plan.layouts.setdefault(m, [])
-        per_call.append([layout_of[id(z)] or BatchDim(0) for z in c.outputs])
+        per_call.append([layout_of.get(id(z)) or BatchDim(0) for z in c.outputs])
         for q, z in enumerate(c.outputs):
-            if layout_of[id(z)] is None:
+            if q not in c.rowwise and layout_of[id(z)] is None:
                 if q in c.expanded:  # an expanded output is (b, …) with sample i at i by construction
                     raise mixing_error(names, (m, n, q))
                 plan.shared[(m, n, q)] = tuple(z.shape)
     if plan.shared:
         return
-    reaching = {id(z) for z, g in zip(zs, grads) if g is not None and id(z) not in dead}
     for _, m, ps in plan.generic:
         plan.in_dims[m] = []
         for n, c in enumerate(capture.calls[m]):
             c.layouts = list(plan.layouts[m][n])
-            if not any(id(z) in reaching for z in c.outputs):  # no output moves the probed samples
+            if not c.rowwise and not any(id(z) in reaching for z in c.outputs):  # no output moves any sample's output
                 plan.in_dims[m].append(None)
                 continue
             probed = [layout_of.get(id(x)) for x in c.inputs]

@@ -46,6 +46,9 @@ def _add_strip(K: Tensor, blk: Tensor, r0: int, r1: int) -> None:
 def _row_gram(K: Tensor, X: Tensor, weights: Tensor | None, s: int) -> None:
     """K += (X Xᵀ) ∘ (weights ⊗ 1_{s×s}) for X (m, n) and weights (b, b) or None."""
     b = X.shape[0] // s
+    if s == 1 and weights is not None and b <= _STRIP_ROWS:  # one strip, one sample per row: no views
+        K.addcmul_(X @ X.T, weights)
+        return
     for i0, i1 in _strips(b, s, s * s):
         blk = X[i0 * s : i1 * s] @ X[: i1 * s].T  # (bi·s, i1·s)
         if weights is None:

@@ -123,9 +123,9 @@ class SeqFactors(Factors):
         method = self.method()
         has_bias = self.bias is not None
         rows = []
-        for (A, G), G_sum in zip(self.groups, self.bias_rows()):
+        for g, (A, G) in enumerate(self.groups):
             if self.weight is None:
-                backend.gram_per_sample(K, G_sum)
+                backend.gram_per_sample(K, self.bias_rows()[g])
             elif method == "dense":
                 backend.gram_dense(K, A[:, 0], G[:, :, 0], has_bias)
             elif method == "ghost":
@@ -136,7 +136,7 @@ class SeqFactors(Factors):
                 if P.numel() <= _KEEP_ROWS_FACTOR * (A.numel() + G.numel()):
                     rows.append(P)
                 if has_bias:  # a Gram of its own: cheaper than concatenating to P
-                    backend.gram_per_sample(K, G_sum)
+                    backend.gram_per_sample(K, self.bias_rows()[g])
             else:
                 raise ValueError(f"unknown sequence method {method!r}; expected 'auto', 'ghost' or 'per_sample'")
         self.rows = rows if rows and len(rows) == len(self.groups) else None
@@ -236,7 +236,9 @@ class PerSampleFactors(Factors):
         self.params, self.P = params, P
 
     def add_gram(self, K: Tensor, backend: Backend) -> None:
-        backend.gram_per_sample(K, concat([P.to(K.dtype).reshape(*P.shape[:2], -1) for P in self.P], 2))  # 0-dim params too
+        # one Gram per parameter (they add up): concatenating the rows would copy all of them
+        for P in self.P:
+            backend.gram_per_sample(K, P.reshape(*P.shape[:2], -1))  # 0-dim params too
 
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
         return [backend.backproject_per_sample(P, u) for P in self.P]

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..capture.hooks import ModuleCall
-from ..capture.layout import BatchDim, to_batch_first
+from ..capture.layout import BatchDim, expand_shared, to_batch_first
 from .factors import PerSampleFactors
 from .registry import RuleContext
 
@@ -27,6 +27,21 @@ __all__ = ["generic_factors", "generic_in_dims", "per_sample_vjp"]
 
 # At most this many assignments of batch dimensions to ambiguous arguments are tried.
 _MAX_TRIALS = 64
+
+
+def map_samples(fn: Callable[..., Any], *args: Any) -> Any:
+    """torch.func.vmap(fn)(*args), or, where fn cannot run under vmap (nn.GRU and nn.LSTM have
+    no batching rule, and their backward breaks under one), fn on each slice along dimension 0
+    of args, the results stacked: the same values, one call per slice instead of one vmapped
+    call. Random draws are refused, not looped (each slice would draw anew)."""
+    try:
+        return torch.func.vmap(fn)(*args)
+    except RuntimeError as err:
+        if "random" in str(err).lower():
+            raise
+    n = tree_flatten(args)[0][0].shape[0]
+    per_slice = [fn(*tree_map(lambda a: a[i], args)) for i in range(n)]
+    return tree_map(lambda *xs: torch.stack(xs), *per_slice)
 
 
 def _sample_of_output(z: Tensor, layout: BatchDim, expanded: bool) -> Tensor:
@@ -64,19 +79,22 @@ def per_sample_vjp(
     """Rows and outputs of a per-sample function: outputs(θ, xs_i) -> sample i's outputs, xs with
     the samples on dimension 0, cot the output-gradients (b, s, …). Returns ({name: (b, s,
     *θ[name].shape)}, the per-sample outputs stacked (b, …)), one vjp per sample vmapped over the
-    batch and the s cotangents; the outputs come free with the vjp (for reproduction checks)."""
+    batch and the s cotangents (`map_samples`); the outputs come free with the vjp (for reproduction
+    checks)."""
 
     def one_sample(xs_i: Any, cot_i: tuple[Tensor, ...]) -> tuple[dict, tuple[Tensor, ...]]:
         out, vjp_fn = torch.func.vjp(lambda th: outputs(th, xs_i), theta)
-        return torch.func.vmap(vjp_fn)(cot_i)[0], out
+        return map_samples(vjp_fn, cot_i)[0], out
 
-    return torch.func.vmap(one_sample)(xs, cot)
+    return map_samples(one_sample, xs, cot)
 
 
 def _recorded(call: ModuleCall, b: int) -> tuple[Tensor, ...]:
     """The recorded outputs, batch-first (b, …)."""
     return tuple(
-        z.detach() if j in call.expanded else to_batch_first(z.detach(), call.layouts[j], b)
+        expand_shared(z.detach(), b) if j in call.rowwise
+        else z.detach() if j in call.expanded
+        else to_batch_first(z.detach(), call.layouts[j], b)
         for j, z in enumerate(call.outputs)
     )
 
@@ -131,7 +149,10 @@ def generic_in_dims(
         in_dims = tuple(choice[keys.index(id(x))] for x in call.inputs)
         try:
             xs, outputs = _per_sample_forward(module, call, in_dims, b)
-            got = torch.func.vmap(lambda xs_i: outputs(theta, xs_i))(xs)
+            if xs:
+                got = map_samples(lambda xs_i: outputs(theta, xs_i), xs)
+            else:  # no argument has samples: every sample sees the same outputs
+                got = tuple(o.expand(b, *o.shape) for o in outputs(theta, ()))
         except Exception as err:  # this assignment does not even run: try the next one
             if "random" in str(err).lower():
                 raise _rerun_error(name, module, err) from err

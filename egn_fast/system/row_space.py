@@ -102,15 +102,8 @@ class RowSpaceSystem:
 
     def _solution(self, damping: float, gamma: Tensor, jitter: float) -> Solution:
         Kg = self._gram() @ gamma
-        b = self.b
-        return Solution(
-            damping=damping,
-            gamma=gamma,
-            jitter=jitter,
-            gtd=float(-(self.w @ Kg) / b),
-            dHd=float(Kg @ Kg / b),
-            dnorm2=float(gamma @ Kg),
-        )
+        w_Kg, Kg_Kg, g_Kg = (torch.stack([self.w, Kg, gamma]) @ Kg).tolist()  # one product, one read
+        return Solution(damping=damping, gamma=gamma, jitter=jitter, gtd=-w_Kg / self.b, dHd=Kg_Kg / self.b, dnorm2=g_Kg)
 
     def backproject(self, gamma: Tensor) -> list[Tensor]:
         """d = −J̃ᵀγ, one tensor per trainable parameter (shape, dtype and device of the parameter)."""

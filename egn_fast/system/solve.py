@@ -47,9 +47,6 @@ def damped_solve(
     """
     dtype = solve_dtype or K.dtype
     A = K.to(dtype)
-    diag = A.diagonal()
-    scale = float(diag.mean()) if A.numel() else 1.0
-    scale = scale if scale > 0 else 1.0
     B = rhs.to(dtype).reshape(rhs.shape[0], -1)
     jitter = 0.0
     for attempt in range(max_retries + 1):
@@ -65,11 +62,17 @@ def damped_solve(
                     stacklevel=3,
                 )
             return DampedSolve(X.reshape(rhs.shape).to(K.dtype), jitter)
-        jitter = first_jitter * scale if jitter == 0.0 else jitter * 10.0
+        jitter = first_jitter * _diagonal_scale(A) if jitter == 0.0 else jitter * 10.0
     raise SolveError(
         f"Cholesky of the {A.shape[0]}×{A.shape[0]} damped Gram failed (info={info}) even with "
         f"jitter {jitter / 10.0:.3g}; increase damping or use solve_dtype=torch.float64"
     )
+
+
+def _diagonal_scale(A: Tensor) -> float:
+    """mean(diag A), or 1 where that is not positive: the unit of the jitter (read only on a retry)."""
+    scale = float(A.diagonal().mean()) if A.numel() else 1.0
+    return scale if scale > 0 else 1.0
 
 
 class EigenSolver:
