@@ -20,7 +20,8 @@ as set (--threads, default 2).
     PYTHONPATH=. .venv/bin/python benchmarks/step_overhead.py            # full run (a few minutes)
     PYTHONPATH=. .venv/bin/python benchmarks/step_overhead.py --quick    # smoke run, no 4.9M GPT
 
-Writes <out>/step_overhead_cpu.{json,md} (default out: benchmarks/results).
+Writes <out>/step_overhead_cpu.{json,md} (default out: benchmarks/results; with --reuse-cpu-memory,
+step_overhead_cpu_reuse_cpu_memory.*).
 """
 
 from __future__ import annotations
@@ -161,12 +162,13 @@ def run_case(case: Case, quick: bool) -> dict:
     }
 
 
-def write_report(results: list[dict], info: dict, out: Path) -> None:
+def write_report(results: list[dict], info: dict, out: Path, suffix: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step_overhead_cpu.json").write_text(json.dumps({"machine": info, "cases": results}, indent=2) + "\n")
+    (out / f"step_overhead_cpu{suffix}.json").write_text(json.dumps({"machine": info, "cases": results}, indent=2) + "\n")
     lines = [
         "# EGN step vs first-order step on the CPU (per-step overhead)", "",
-        f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}. float32, random inputs; medians "
+        f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}"
+        f"{', egn_fast.reuse_cpu_memory()' if info['reuse_cpu_memory'] else ', default glibc malloc settings'}. float32, random inputs; medians "
         "of calls timed side by side in one process (3 alternating rounds). Stage times from separate calls "
         "with `timings=True`.", "",
         "| case | egn_fast ms | baseline | baseline ms | ratio | target | met |",
@@ -178,7 +180,7 @@ def write_report(results: list[dict], info: dict, out: Path) -> None:
     lines += ["", "Stages (ms, median):", "", "| case | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * len(STAGES)]
     for r in results:
         lines.append(f"| {r['case']} | " + " | ".join(f"{r['stages_ms'][k]:.2f}" if k in r["stages_ms"] else "" for k in STAGES) + " |")
-    (out / "step_overhead_cpu.md").write_text("\n".join(lines) + "\n")
+    (out / f"step_overhead_cpu{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,15 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer calls, no 4.9M GPT")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--only", default="", help="comma list of case names to run (default: all)")
+    parser.add_argument("--reuse-cpu-memory", action="store_true",
+                        help="call egn_fast.reuse_cpu_memory() first (glibc keeps freed blocks); results get the suffix _reuse_cpu_memory")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.reuse_cpu_memory and not egn_fast.reuse_cpu_memory():
+        raise SystemExit("egn_fast.reuse_cpu_memory() is not available here (not glibc)")
     torch.set_num_threads(args.threads)
     only = {n for n in args.only.split(",") if n}
     selected = [c for c in cases(args.quick) if not only or c.name in only]
     if only - {c.name for c in selected}:
         raise SystemExit(f"unknown case(s): {sorted(only - {c.name for c in selected})}")
     results = [run_case(c, args.quick) for c in selected]
-    write_report(results, machine_info(), args.out)
+    info = {**machine_info(), "reuse_cpu_memory": args.reuse_cpu_memory}
+    write_report(results, info, args.out, "_reuse_cpu_memory" if args.reuse_cpu_memory else "")
     for r in results:
         print(f"{r['case']:22s} {r['egn_ms']:9.3f} ms / {r['baseline_ms']:9.3f} ms = {r['ratio']:.2f}× (target ≤ {r['target']}×)")
     return 0
