@@ -92,7 +92,7 @@ def per_sample_outputs(out: Any) -> Tensor:
         raise ValueError("the model returned a scalar; egn_fast needs per-sample outputs (b, …)")
     if out.shape[0] == 0:
         raise ValueError(f"the batch is empty (outputs of shape {tuple(out.shape)}); pass at least one sample")
-    if out[0].numel() == 0:
+    if math.prod(out.shape[1:]) == 0:
         raise ValueError(f"the model's outputs {tuple(out.shape)} hold no values per sample")
     return out.reshape(out.shape[0], -1)
 

@@ -49,7 +49,7 @@ class ModelState:
 
 
 def _check_outputs(f_flat: Tensor) -> None:
-    if not torch.isfinite(f_flat).all():
+    if not torch.isfinite(f_flat.detach()).all():  # detached: isfinite is composite, autograd would trace it
         raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
     if not f_flat.requires_grad:
         raise ValueError("the model's outputs do not depend on any trainable parameter")

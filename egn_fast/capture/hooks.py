@@ -10,7 +10,6 @@ prunes every weight-gradient GEMM: only activation gradients are computed.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -65,7 +64,6 @@ def _tensors(tree: Any) -> list[Tensor]:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
 
 
-@dataclass
 class ModuleCall:
     """One call of a module: its inputs, the outputs that carry gradient, and their gradients.
 
@@ -76,23 +74,27 @@ class ModuleCall:
     given one output-gradient per Jacobian row. Rules treat both alike (`batch_first`).
     grads[q] is filled by `output_grads`: (b, s, *rest) with rest = outputs[q]'s shape less the
     samples (`to_batch_first`; for an expanded output, its shape once expanded less the
-    samples), or None when that output does not reach the loss.
+    samples), or None when that output does not reach the loss. (A plain class with slots: the
+    hooks make one per module call, every step.)
     """
 
-    args: tuple
-    kwargs: dict
-    inputs: list[Tensor]  # the tensors among args and kwargs
-    outputs: list[Tensor]
-    output_index: list[int]
-    expanded: frozenset[int] = frozenset()
-    rowwise: frozenset[int] = frozenset()
-    layouts: list[BatchDim] = field(init=False)
-    grads: list[Tensor | None] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
+    __slots__ = ("args", "kwargs", "inputs", "outputs", "output_index", "expanded", "rowwise", "layouts", "grads", "versions")
 
-    def __post_init__(self) -> None:
-        self.versions = [t._version for t in self.inputs + self.outputs]
-        self.layouts = [PLAIN] * len(self.outputs)
+    def __init__(
+        self,
+        args: tuple,
+        kwargs: dict,
+        inputs: list[Tensor],  # the tensors among args and kwargs
+        outputs: list[Tensor],
+        output_index: list[int],
+        expanded: frozenset[int] = frozenset(),
+        rowwise: frozenset[int] = frozenset(),
+    ):
+        self.args, self.kwargs, self.inputs, self.outputs, self.output_index = args, kwargs, inputs, outputs, output_index
+        self.expanded, self.rowwise = expanded, rowwise
+        self.layouts: list[BatchDim] = [PLAIN] * len(outputs)
+        self.grads: list[Tensor | None] = []
+        self.versions = [t._version for t in inputs] + [t._version for t in outputs]
 
     def batch_first(self, x: Tensor, b: int) -> Tensor:
         """An input of a position-wise module (Linear, Embedding, LayerNorm, …), laid out like
@@ -143,11 +145,12 @@ class Capture:
         self._handles.clear()
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if isinstance(output, Tensor):
+        if isinstance(output, Tensor):  # the common case, without pytree
             leaves, spec = [output], None
+            index = [0] if output.requires_grad else []
         else:
             leaves, spec = tree_flatten(output)
-        index = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
+            index = [q for q, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
         replaced = None
         expanded = rowwise = frozenset()
         if self.expand:
@@ -170,7 +173,7 @@ class Capture:
                     # gradient holds only the uses after the module.
                     leaves[q] = leaves[q].view_as(leaves[q])
             replaced = leaves[0] if spec is None else tree_unflatten(leaves, spec)
-        if module in _COPY_IO:
+        if _COPY_IO and module in _COPY_IO:  # (a WeakSet lookup makes a weak reference)
             # The model modifies this module's input or output in place later on: keep pristine
             # copies, and hand the model a copy of the output so our z keeps its autograd node.
             args, kwargs = tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, (args, kwargs))
@@ -202,19 +205,23 @@ def output_grads(f_flat: Tensor, cotangents: Tensor, calls: list[ModuleCall]) ->
     call.layouts says they lie in z. A row-wise shared output gets ∂(S_ik·f_i)/∂z for every
     row (i, k) from a backward of its own with one cotangent per row (`_rowwise_grads`).
     """
-    outs = [(call, q) for call in calls for q in range(len(call.outputs))]
-    rowwise = [(call, q) for call, q in outs if q in call.rowwise]
-    grads = dict(zip(map(_key, rowwise), _rowwise_grads(f_flat, cotangents, [c.outputs[q] for c, q in rowwise])))
-    plain = [(call, q) for call, q in outs if q not in call.rowwise]
-    zs = [call.outputs[q] for call, q in plain]
     s, b = cotangents.shape[0], f_flat.shape[0]
-    if s == 1:
-        plain_grads = torch.autograd.grad(f_flat, zs, cotangents[0], allow_unused=True)
-        plain_grads = [None if g is None else g.unsqueeze(0) for g in plain_grads]
+    outs = [(call, q) for call in calls for q in range(len(call.outputs))]
+    rowwise = [(call, q) for call, q in outs if q in call.rowwise] if any(call.rowwise for call in calls) else []
+    grads = dict(zip(map(_key, rowwise), _rowwise_grads(f_flat, cotangents, [c.outputs[q] for c, q in rowwise])))
+    plain = [(call, q) for call, q in outs if q not in call.rowwise] if rowwise else outs
+    zs = [call.outputs[q] for call, q in plain]
+    if s == 1:  # one column: a plain backward (a contiguous cotangent: an expanded one is slower)
+        plain_grads = torch.autograd.grad(f_flat, zs, cotangents[0].contiguous(), allow_unused=True)
+        for (call, q), g in zip(plain, plain_grads):
+            layout = call.layouts[q]
+            grads[_key((call, q))] = (
+                None if g is None else g.unsqueeze(1) if layout == PLAIN else to_batch_first(g.unsqueeze(0), layout.shifted(1), b)
+            )
     else:
         plain_grads = torch.autograd.grad(f_flat, zs, cotangents, is_grads_batched=True, allow_unused=True)
-    for (call, q), g in zip(plain, plain_grads):
-        grads[_key((call, q))] = None if g is None else to_batch_first(g, call.layouts[q].shifted(1), b)
+        for (call, q), g in zip(plain, plain_grads):
+            grads[_key((call, q))] = None if g is None else to_batch_first(g, call.layouts[q].shifted(1), b)
     for call in calls:
         call.grads = [grads[_key((call, q))] for q in range(len(call.outputs))]
 

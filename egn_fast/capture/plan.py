@@ -68,7 +68,7 @@ def collect_trainable(model: nn.Module, only: set[int] | None = None) -> tuple[l
 
 def check_inputs(inputs: Inputs, device: torch.device) -> None:
     """ValueError unless every tensor among the inputs is on the parameters' device."""
-    for x in tree_flatten(inputs)[0]:
+    for x in [inputs] if isinstance(inputs, Tensor) else tree_flatten(inputs)[0]:
         if isinstance(x, Tensor) and x.device != device:
             raise ValueError(f"inputs are on {x.device} but the model's parameters are on {device}")
 
@@ -119,7 +119,7 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _PatternPlans]]" = wea
 
 def _call_pattern(capture: Capture) -> tuple:
     return tuple(
-        (id(m), type(m), tuple((tuple(tuple(t.shape) for t in c.inputs + c.outputs), c.expanded, c.rowwise) for c in calls))
+        (id(m), type(m), tuple((tuple(t.shape for t in c.inputs + c.outputs), c.expanded, c.rowwise) for c in calls))
         for m, calls in capture.calls.items()
     )
 

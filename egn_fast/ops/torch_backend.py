@@ -140,7 +140,10 @@ def backproject(A: Tensor, G: Tensor, u: Tensor, bias: bool) -> tuple[Tensor, Te
     Computes in u's dtype.
     """
     b, s, T, out = G.shape
-    U = torch.bmm(u.unsqueeze(1), G.to(u.dtype).reshape(b, s, T * out)).view(b * T, out)
+    if s == 1:  # one row per sample: a scaling, not b tiny GEMMs
+        U = (G.to(u.dtype).reshape(b, T * out) * u).view(b * T, out)
+    else:
+        U = torch.bmm(u.unsqueeze(1), G.to(u.dtype).reshape(b, s, T * out)).view(b * T, out)
     dW = U.T @ A.to(u.dtype).reshape(b * T, -1)
     return dW, (U.sum(0) if bias else None)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING
+
+from torch.nn.utils import parametrize
 
 from ..ops import Backend
 from .factors import Factors, merge_shared
@@ -24,7 +27,9 @@ def layer_factors(captured: ModelCapture, ctx: RuleContext, ops: Backend) -> lis
     (egn_fast.rules.parametrized). Call under torch.no_grad()."""
     plan, calls = captured.plan, captured.calls
     factors: list[Factors] = []
-    with reevaluated_parametrizations(plan.named_modules(), calls):
+    # only a module that is parametrized or has submodules can hold a parametrization (most hold none)
+    parametrized = any(parametrize.is_parametrized(m) or next(m.children(), None) is not None for m in plan.modules())
+    with reevaluated_parametrizations(plan.named_modules(), calls) if parametrized else nullcontext():
         for name, m, rule in plan.specific:
             f = rule(m, calls[m], replace(ctx, name=name))
             if f is not None:
