@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--b", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=None, help="train on only this many batches per epoch")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     before = accuracy(model, val_loader)
     steps = 0
     for epoch in range(args.epochs):
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
+            if i == args.batches:
+                break
             opt.step(closure=lambda: (model(x), y))  # the closure is called again for trial points
             steps += 1
         accelerator.print(f"epoch {epoch}  validation accuracy {accuracy(model, val_loader):.3f}  damping {egn.damping:.3g}")

@@ -68,14 +68,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--b", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=None, help="train on only this many batches per epoch")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     L.seed_everything(args.seed, verbose=False)
     train, val = digits(args.seed)
     module = DigitsEGN()
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=args.epochs, limit_train_batches=args.batches, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     val_loader = DataLoader(val, batch_size=512)
     before = trainer.validate(module, val_loader, verbose=False)[0]["val_accuracy"]
     trainer.fit(module, DataLoader(train, batch_size=args.b, shuffle=True), val_loader)

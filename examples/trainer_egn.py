@@ -43,11 +43,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--b", type=int, default=16)
     parser.add_argument("--T", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=args.vocab, n_positions=args.T, resid_pdrop=0.0,
+    config = GPT2Config(n_layer=args.layers, n_embd=32, n_head=4, vocab_size=args.vocab, n_positions=args.T, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=PAD)
     model = GPT2LMHeadModel(config)
     train = counting_text(args.b * args.steps, args.T, args.vocab, args.seed)

@@ -85,13 +85,13 @@ def test_it_trains_a_tiny_gpt2_and_a_bert_classifier_and_evaluates(tmp_path):
         ("gpt2", gpt2(dtype=torch.float32), lm_dataset(48, seed=3), dict(curvature="mc", damping=1.0, line_search="armijo")),
         ("bert", bert("sequence", dtype=torch.float32), classification_dataset(48, "sequence", seed=3), dict(damping=0.1, line_search="armijo")),
     ):
-        args = training_args(tmp_path / name, per_device_train_batch_size=8, max_steps=12, logging_steps=2)
+        args = training_args(tmp_path / name, per_device_train_batch_size=8, max_steps=8, logging_steps=2)
         trainer = EGNTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:16], data_collator=collate, egn=options)
         eval_before = trainer.evaluate()["eval_loss"]
         trainer.train()
         logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        assert len(logged) == 6 and all("egn_damping" in h for h in trainer.state.log_history if "loss" in h)
-        assert sum(logged[-2:]) < 0.8 * sum(logged[:2]), (name, logged)
+        assert len(logged) == 4 and all("egn_damping" in h for h in trainer.state.log_history if "loss" in h)
+        assert logged[-1] < 0.85 * logged[0], (name, logged)
         assert trainer.evaluate()["eval_loss"] < 0.8 * eval_before
 
 
