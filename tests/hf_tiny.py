@@ -55,7 +55,8 @@ def lm_dataset(n: int, seed: int = 0) -> list[dict[str, Tensor]]:
 
 def classification_dataset(n: int, task: str, seed: int = 0) -> list[dict[str, Tensor]]:
     """task: "sequence" (label = the first token mod C), "regression" (label = the stride as a float),
-    "token" (label per token = its value mod C, −100 on the padding)."""
+    "multi_label" (label k = whether token k + 1 occurs, as floats), "token" (label per token = its
+    value mod C, −100 on the padding)."""
     g = torch.Generator().manual_seed(seed)
     start, stride = torch.randint(V - 1, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
     ids, mask = padded(1 + (start + stride * torch.arange(T)) % (V - 1), seed + 1)
@@ -63,6 +64,8 @@ def classification_dataset(n: int, task: str, seed: int = 0) -> list[dict[str, T
         labels = ids[:, 0] % C
     elif task == "regression":
         labels = stride.view(-1).float()
+    elif task == "multi_label":
+        labels = torch.stack([((ids == k + 1) & mask.bool()).any(1) for k in range(C)], 1).float()
     else:
         labels = torch.where(mask.bool(), ids % C, -100)
     return [dict(input_ids=ids[i], attention_mask=mask[i], labels=labels[i]) for i in range(n)]

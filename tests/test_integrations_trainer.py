@@ -17,7 +17,7 @@ from oracle import rel_err
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from egn_fast.integrations import EGNTrainer  # noqa: E402
+from egn_fast.integrations import EGNTrainer, targets  # noqa: E402
 
 B = 6
 
@@ -47,6 +47,9 @@ CASES = {
     "regression": (lambda: bert("sequence", num_labels=1), lambda: classification_dataset(B, "regression"), dict(damping=0.5),
                    nn.MSELoss(), lambda m, x: (m(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits,
                                                x["labels"].double().view(-1, 1))),
+    "multi_label": (lambda: bert("sequence", problem_type="multi_label_classification"),
+                    lambda: classification_dataset(B, "multi_label"), dict(damping=0.5), nn.BCEWithLogitsLoss(),
+                    lambda m, x: (m(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, x["labels"].double())),
     "token": (lambda: bert("token"), lambda: classification_dataset(B, "token"), dict(damping=0.5, momentum=0.5),
               "cross_entropy", lambda m, x: (m(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, x["labels"])),
 }
@@ -75,8 +78,9 @@ def test_the_trainers_step_is_egns_step_on_the_same_batch(kind, tmp_path):
     assert rel_err(want, [torch.zeros_like(w) for w in want]) > 0
     assert rel_err(step, want) < 1e-10, rel_err(step, want)
     assert trainer.last_step.loss == pytest.approx(info.loss, rel=1e-12)
-    # what EGN minimizes is the model's own loss (transformers' causal LM loss upcasts to float32 only)
-    assert info.loss == pytest.approx(own_loss, rel=1e-6 if kind == "causal_lm" else 1e-12)
+    # what EGN minimizes is the model's own loss (transformers computes the causal LM loss in float32,
+    # and BCE in the float32 labels' dtype)
+    assert info.loss == pytest.approx(own_loss, rel=1e-6 if kind in ("causal_lm", "multi_label") else 1e-12)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(own_loss, rel=1e-4)  # logged (float32, rounded)
 
 
@@ -145,6 +149,8 @@ def test_what_egn_cannot_honour_is_refused(tmp_path):
             EGNTrainer(model=bert("sequence"), **{"args": training_args(tmp_path), **kwargs}, train_dataset=data)
     with pytest.raises(ValueError, match="args.learning_rate"):
         EGNTrainer(model=bert("sequence"), args=training_args(tmp_path), train_dataset=data, egn=dict(lr=0.5))
+    with pytest.raises(ValueError, match="multi_label_classification"):  # transformers would switch losses by dtype
+        targets.outputs_and_targets(bert("sequence"), collate(classification_dataset(B, "multi_label")))
     trainer = EGNTrainer(model=bert("sequence"), args=training_args(tmp_path), train_dataset=data)
     with pytest.raises(RuntimeError, match="needs the batch"):
         trainer.create_optimizer().step()  # the Trainer's post-backward call with no EGN step before it
