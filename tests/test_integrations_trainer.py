@@ -151,6 +151,8 @@ def test_what_egn_cannot_honour_is_refused(tmp_path):
         EGNTrainer(model=bert("sequence"), args=training_args(tmp_path), train_dataset=data, egn=dict(lr=0.5))
     with pytest.raises(ValueError, match="multi_label_classification"):  # transformers would switch losses by dtype
         targets.outputs_and_targets(bert("sequence"), collate(classification_dataset(B, "multi_label")))
+    with pytest.warns(UserWarning, match="learning_rate is EGN's step multiplier"):
+        EGNTrainer(model=bert("sequence"), args=training_args(tmp_path, learning_rate=5e-5), train_dataset=data)
     trainer = EGNTrainer(model=bert("sequence"), args=training_args(tmp_path), train_dataset=data)
     with pytest.raises(RuntimeError, match="needs the batch"):
         trainer.create_optimizer().step()  # the Trainer's post-backward call with no EGN step before it

@@ -28,6 +28,9 @@ FROM_ARGS = {"lr": "args.learning_rate", "weight_decay": "args.weight_decay", "p
              "model": "the Trainer's model", "process_group": "one process only"}
 
 
+DEFAULT_LR = 5e-5  # TrainingArguments' default learning_rate, meant for AdamW
+
+
 class TrainerEGN(EGN):
     """EGN as the Trainer holds it. `EGNTrainer.training_step` steps it on the batch; the Trainer's
     own `optimizer.step()` right after, which has no batch, then does nothing. A call with no batch
@@ -59,7 +62,7 @@ class EGNTrainer(Trainer):
         egn: `egn_fast.EGN` options (loss, damping, curvature, mc_samples, momentum, metric,
             line_search, adaptive_damping, max_step_norm, ...). Taken from `args` instead:
             `lr` = args.learning_rate (the step multiplier, 1.0 is the full LM step; args'
-            scheduler and warmup scale it), `weight_decay` = args.weight_decay (decoupled, on the
+            scheduler and warmup scale it; the Trainer's default 5e-5, an AdamW lr, warns), `weight_decay` = args.weight_decay (decoupled, on the
             parameters the Trainer decays). `loss` defaults to the model type's
             (egn_fast.integrations.targets: causal LM, sequence and token classification);
             `generator` (curvature="mc") defaults to one seeded with args.seed. Other
@@ -80,6 +83,7 @@ class EGNTrainer(Trainer):
     compute_loss_func (the loss is EGN's). `args.max_grad_norm` clips `.grad`, which EGN does not
     use: it has no effect on the step (bound the step with egn={"max_step_norm": ...}). With
     dropout on, every forward of the step (line search, adaptive damping) draws its own mask.
+    EGN runs `self.model`, so with `torch_compile=True` it steps the uncompiled module.
     """
 
     def __init__(self, *args: Any, egn: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -166,6 +170,9 @@ def _refuse_unsupported(trainer: EGNTrainer) -> None:
     names = [name for name, on in refused.items() if on]
     if names:
         raise ValueError("EGNTrainer does not support " + "; ".join(names))
+    if args.learning_rate == DEFAULT_LR:
+        warnings.warn(f"args.learning_rate is EGN's step multiplier (1.0 is the full LM step); the default {DEFAULT_LR} "
+                      "is an AdamW learning rate and makes EGN's steps almost nothing", UserWarning, stacklevel=3)
     if args.max_grad_norm not in (0, 1.0):  # 1.0 is TrainingArguments' default: only a deliberate setting warns
         warnings.warn("max_grad_norm has no effect on EGN's step (it clips .grad); use egn={'max_step_norm': ...}",
                       UserWarning, stacklevel=3)
