@@ -2,13 +2,17 @@
 (outputs, targets) pair EGN's closure returns. Each pair's batch loss (`Loss.batch_mean`) is the
 loss the model itself computes from `labels`, so the Trainer logs and evaluates the same quantity:
 
-| model type (transformers' auto mappings) | outputs                 | targets                     | loss |
-|------------------------------------------|-------------------------|-----------------------------|------|
-| causal LM (`…ForCausalLM`, GPT-2's `LMHeadModel`) | logits[:, :-1] (b, T−1, V) | labels[:, 1:], −100 ignored | per-token cross-entropy |
-| sequence classification, single label   | logits (b, C)           | labels (b,)                 | cross-entropy |
-| sequence classification, regression (`num_labels == 1` or `problem_type="regression"`) | logits (b, C) | labels as (b, C) | `nn.MSELoss()` (the mean over b·C entries) |
-| sequence classification, `problem_type="multi_label_classification"` | logits (b, C) | labels (b, C) float | `nn.BCEWithLogitsLoss()` |
-| token classification                     | logits (b, T, C)        | labels (b, T), −100 ignored | per-token cross-entropy |
+| model type (transformers' auto mappings)      | outputs          | targets             | loss             |
+|-----------------------------------------------|------------------|---------------------|------------------|
+| causal LM (`…ForCausalLM`, GPT-2's LMHead…)   | logits[:, :-1]   | labels[:, 1:]       | per-token CE     |
+| sequence classification, single label         | logits (b, C)    | labels (b,)         | cross-entropy    |
+| sequence classification, regression (a)       | logits (b, C)    | labels as (b, C)    | nn.MSELoss() (b) |
+| sequence classification, multi-label (c)      | logits (b, C)    | labels (b, C) float | nn.BCEWithLogitsLoss() |
+| token classification                          | logits (b, T, C) | labels (b, T)       | per-token CE     |
+
+Per-token cross-entropy ignores the −100 labels (padding). (a) `num_labels == 1` or
+`problem_type="regression"`; (b) the mean over b·C entries, as transformers computes it (2/C ×
+EGN's "mse"); (c) `problem_type="multi_label_classification"`.
 
 transformers is imported only when a model is looked up, so `import egn_fast` does not need it.
 """

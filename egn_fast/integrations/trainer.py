@@ -19,15 +19,13 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from ..optim import EGN, StepInfo
-from . import targets
+from .targets import OVERRIDE_HINT, loss_of, outputs_and_targets
 
 __all__ = ["EGNTrainer"]
 
 # EGN options that come from TrainingArguments (or from the Trainer) instead of `egn=`
 FROM_ARGS = {"lr": "args.learning_rate", "weight_decay": "args.weight_decay", "params": "the Trainer's param groups",
              "model": "the Trainer's model", "process_group": "one process only"}
-
-
 DEFAULT_LR = 5e-5  # TrainingArguments' default learning_rate, meant for AdamW
 
 
@@ -40,7 +38,9 @@ class TrainerEGN(EGN):
         super().__init__(model, **options)
         self.stepped_on_batch = False
 
-    def step(self, inputs: Any = None, targets: Tensor | None = None, *, closure: Any = None) -> StepInfo | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, inputs: Any = None, targets: Tensor | None = None, *, closure: Any = None
+    ) -> StepInfo | None:
         if inputs is None and targets is None and closure is None:
             if not self.stepped_on_batch:
                 raise RuntimeError("EGN's step needs the batch: step(inputs, targets) or step(closure=...) -> "
@@ -62,8 +62,9 @@ class EGNTrainer(Trainer):
         egn: `egn_fast.EGN` options (loss, damping, curvature, mc_samples, momentum, metric,
             line_search, adaptive_damping, max_step_norm, ...). Taken from `args` instead:
             `lr` = args.learning_rate (the step multiplier, 1.0 is the full LM step; args'
-            scheduler and warmup scale it; the Trainer's default 5e-5, an AdamW lr, warns), `weight_decay` = args.weight_decay (decoupled, on the
-            parameters the Trainer decays). `loss` defaults to the model type's
+            scheduler and warmup scale it; the Trainer's default 5e-5, an AdamW lr, warns),
+            `weight_decay` = args.weight_decay (decoupled, on the parameters the Trainer
+            decays). `loss` defaults to the model type's
             (egn_fast.integrations.targets: causal LM, sequence and token classification);
             `generator` (curvature="mc") defaults to one seeded with args.seed. Other
             `Trainer` arguments are the Trainer's.
@@ -75,8 +76,8 @@ class EGNTrainer(Trainer):
     model's own loss (the Trainer's `compute_loss`), the same quantity for the supported types.
 
     Refused, with the reason: gradient_accumulation_steps > 1 (EGN's step is the exact LM step of
-    the batch it sees; the Gram of accumulated micro-batches is not a sum of per-batch ones: use a
-    larger per_device_train_batch_size), fp16 (its GradScaler scales a backward EGN does not use:
+    the batch it sees; the Gram of several micro-batches has cross terms between them, which no
+    per-micro-batch step sees: use a larger per_device_train_batch_size), fp16 (its GradScaler scales a backward EGN does not use:
     bf16 autocast works), DeepSpeed, FSDP and more than one process or GPU (EGN's data parallelism
     is `EGN(process_group=...)`, not the Trainer's wrappers), `optimizers=` /
     `optimizer_cls_and_kwargs=` (the optimizer is EGN), label_smoothing_factor and
@@ -98,12 +99,13 @@ class EGNTrainer(Trainer):
             return self.optimizer
         model = self.model if model is None else model
         options = dict(self.egn_options)
-        options.setdefault("loss", targets.loss_of(model))
+        options.setdefault("loss", loss_of(model))
         if options["loss"] is None:
-            raise TypeError(f"EGNTrainer does not know the loss of a {type(model).__name__}: {targets.OVERRIDE_HINT}")
+            raise TypeError(f"EGNTrainer does not know the loss of a {type(model).__name__}: {OVERRIDE_HINT}")
         if options.get("curvature") == "mc" and options.get("generator") is None:
             device = next(model.parameters()).device
-            options["generator"] = torch.Generator(device).manual_seed(self.args.seed)  # reproducible, and resumed from the checkpoint
+            # seeded, so a run is reproducible; checkpoints carry its state, so a resumed run draws the same
+            options["generator"] = torch.Generator(device).manual_seed(self.args.seed)
         decay = set(self.get_decay_parameter_names(model))
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [
@@ -121,7 +123,7 @@ class EGNTrainer(Trainer):
     def outputs_and_targets(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """(outputs, targets) of `model` on the batch, EGN's closure: run the forward and return what
         the loss compares. Override it for a model type egn_fast.integrations.targets does not know."""
-        return targets.outputs_and_targets(model, inputs)
+        return outputs_and_targets(model, inputs)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
