@@ -12,8 +12,8 @@ So the module turns automatic optimization off and calls `opt.step(closure=...)`
     info = self.optimizers().step(closure=lambda: (self(x), y))  # in training_step: one EGN step
     return egn_fast.EGN(self, loss="cross_entropy", ...)         # configure_optimizers
 
-Lightning still counts the steps, logs, checkpoints (EGN's state_dict carries λ, the momentum and
-its generator) and runs validation. Printed: the validation accuracy before and after.
+Lightning still counts the steps, logs and runs validation. Printed: the validation accuracy
+before and after.
 """
 
 from __future__ import annotations

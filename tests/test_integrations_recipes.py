@@ -87,3 +87,30 @@ def test_the_accelerate_example_learns_and_its_step_is_egns():
     want = reference_step(reference, x, y)
     assert rel_err(want, [torch.zeros_like(w) for w in want]) > 0
     assert rel_err(step, want) < 1e-12, rel_err(step, want)
+
+
+def test_accelerate_save_and_load_state_resume_egn_bit_for_bit(tmp_path):
+    """accelerator.save_state / load_state carry EGN's state_dict (λ, momentum buffers, step scale)."""
+    accelerate = pytest.importorskip("accelerate")
+    batches = [batch(seed) for seed in range(4)]
+
+    def run(steps: range, load: bool = False) -> list[torch.Tensor]:
+        state = pytest.importorskip("accelerate.state")
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+        egn = egn_fast.EGN(model, loss="cross_entropy", damping=1.0, momentum=0.9, line_search="armijo", adaptive_damping=True)
+        accelerator = accelerate.Accelerator(cpu=True)
+        model, opt = accelerator.prepare(model, egn)
+        if load:
+            accelerator.load_state(str(tmp_path))
+        for i in steps:
+            x, y = batches[i]
+            opt.step(closure=lambda: (model(x), y))
+            if i == 1 and not load:
+                accelerator.save_state(str(tmp_path))
+        return [p.detach().clone() for p in model.parameters()]
+
+    full = run(range(4))
+    resumed = run(range(2, 4), load=True)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
