@@ -74,8 +74,7 @@ def test_the_trainers_step_is_egns_step_on_the_same_batch(kind, tmp_path):
 
     step = [p.detach() - b for p, b in zip(model.parameters(), before)]
     want = [p.detach() - b for p, b in zip(reference.parameters(), before)]
-    assert info.accepted and min(float(s.abs().max()) for s in want) >= 0  # a real step
-    assert rel_err(want, [torch.zeros_like(w) for w in want]) > 0
+    assert info.accepted and all(float(w.abs().max()) > 0 for w in want)  # a real step: every parameter moved
     assert rel_err(step, want) < 1e-10, rel_err(step, want)
     assert trainer.last_step.loss == pytest.approx(info.loss, rel=1e-12)
     # what EGN minimizes is the model's own loss (transformers computes the causal LM loss in float32,
