@@ -73,6 +73,8 @@ def test_every_subpackage_is_installed():
 
 MAX_ROOT_MODULES = 8
 STAGES = {"capture", "losses", "rules", "ops", "system", "optim", "distributed", "cli"}
+# Beside the stages: adapters to training frameworks, imported only on demand (never by `import egn_fast`)
+ADAPTERS = {"integrations"}
 # The public names of egn_fast: they may grow, never silently change.
 PUBLIC = {
     "EGN", "EGNPreconditioner", "StepInfo", "ArmijoLineSearch", "AdaptiveDamping", "SGN", "SGNInfo", "NonFiniteError",
@@ -88,7 +90,15 @@ def test_the_root_keeps_only_the_public_face_and_the_stages_have_folders():
     root = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert "__init__.py" in root and len(root) <= MAX_ROOT_MODULES, root
     folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert STAGES <= folders
+    assert folders == STAGES | ADAPTERS
+
+
+def test_importing_egn_fast_imports_no_training_framework():
+    """egn_fast.integrations imports transformers only when EGNTrainer is used."""
+    code = ("import sys, egn_fast, egn_fast.integrations, egn_fast.integrations.targets; "
+            "print([m for m in ('transformers', 'accelerate', 'lightning') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
 
 
 def test_public_names_are_unchanged_and_resolve():
@@ -149,7 +159,7 @@ def test_a_built_wheel_holds_every_subpackage_and_imports(tmp_path):
     code = (
         f"import sys; sys.path.insert(0, {str(site)!r}); import torch, egn_fast; "
         "import egn_fast.capture, egn_fast.losses, egn_fast.rules, egn_fast.ops, egn_fast.system, egn_fast.optim, "
-        "egn_fast.distributed, egn_fast.cli, egn_fast.triton_kernels; "
+        "egn_fast.distributed, egn_fast.cli, egn_fast.integrations, egn_fast.triton_kernels; "
         "m = torch.nn.Linear(3, 2).double(); "
         "d = egn_fast.direction(m, torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)); "
         "print(egn_fast.__file__); print(len(d))"

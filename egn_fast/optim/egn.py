@@ -177,6 +177,8 @@ class EGN(ModelOptimizer):
         self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None
     ) -> StepInfo:
         """One EGN step on a mini-batch: (inputs, targets), or closure() -> (outputs, targets)."""
+        if callable(inputs) and targets is None and closure is None:
+            inputs, closure = None, inputs  # torch's positional step(closure), as Accelerate's optimizer wrapper calls it
         forward = forward_of(self.model, inputs, targets, closure)
         damping = self.egn_state["damping"]
         try:
