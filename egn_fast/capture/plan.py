@@ -146,13 +146,16 @@ def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[
     names = {m: n for n, m in model.named_modules()}
     _check_called(capture, names)
     specific, covered = _specific_modules(capture, trainable, names)
-    reached = params_reached_outside(f_flat, [c for _, m, _ in specific for c in capture.calls[m]])
+    regions = [c for _, m, _ in specific for c in capture.calls[m]]
+    reached = params_reached_outside(f_flat, regions)
+    # checked on every step, before the cache: a forward may add a functional use with the same calls
+    own_uses = _uses_in_own_forward(capture, specific, covered & reached, names, f_flat, regions)
     key = (_call_pattern(capture), tuple(sorted(trainable)), frozenset(reached), registry_version())
     cache = _PLANS.setdefault(model, {})
     plan = cache.get(key)
     # ids can be reused by a module that replaced a freed one: the plan must name these modules
     if plan is None or not all(m in capture.calls for m in plan.modules()):
-        plan = _make_plan(model, capture, f_flat, trainable, names, specific, covered, reached)
+        plan = _make_plan(model, capture, f_flat, trainable, names, specific, covered, reached, own_uses)
         if not plan.shared and not plan.guessed:
             cache[key] = plan
     return plan
@@ -192,13 +195,16 @@ def _make_plan(
     specific: list[tuple[str, nn.Module, Rule]],
     covered: set[int],
     reached: set[int],
+    own_uses: dict[int, tuple[nn.Module, str]],
 ) -> Plan:
     """Assign every trainable parameter that reaches the loss to a rule, then probe the layouts.
 
     A called module with a registered rule covers its own parameters. Every other parameter the
     autograd graph reaches (custom modules, modules used functionally by a parent, parameters
     of modules that were never called themselves) goes to the generic rule of the innermost
-    called module that contains its owner.
+    called module that contains its owner. A parameter a rule covers in another module that its
+    owner also uses in its own forward (own_uses: id -> (owner, name), `_uses_in_own_forward`) gets the
+    owner's generic rows too; merge_shared sums the two.
     """
     parents: dict[nn.Module, nn.Module] = {}
     for m in model.modules():
@@ -210,13 +216,10 @@ def _make_plan(
         for pname, p in owner.named_parameters(recurse=False):
             if id(p) not in trainable or id(p) not in reached:
                 continue
-            if id(p) in covered:
-                raise ValueError(
-                    f"parameter {(names[owner] + '.' if names[owner] else '') + pname!r} is used outside "
-                    f"the forward of its module {names[owner]!r} (e.g. a functional call on a tied "
-                    "weight); egn_fast cannot attribute that use to a layer rule. Tie it through a module instead, "
-                    "e.g. head = nn.Linear(d, V, bias=False); head.weight = wte.weight; logits = head(h)"
-                )
+            if id(p) in covered:  # reached outside its rule: only its owner's own forward may use it
+                host, own_name = own_uses[id(p)]
+                generic.setdefault(host, {})[own_name] = p
+                continue
             host, path = owner, [pname]
             while host not in capture.calls or host in parametrizing:  # W = P(original): its parametrized module decides
                 path.insert(0, names[host].rsplit(".", 1)[-1])
@@ -225,6 +228,52 @@ def _make_plan(
     plan = Plan(specific, [(names[m], m, ps) for m, ps in generic.items()])
     _probe(plan, capture, f_flat, names)
     return plan
+
+
+def _uses_in_own_forward(
+    capture: Capture,
+    specific: list[tuple[str, nn.Module, Rule]],
+    outside: set[int],
+    names: dict[nn.Module, str],
+    f_flat: Tensor,
+    regions: list,
+) -> dict[int, tuple[nn.Module, str]]:
+    """For parameters a rule covers that the autograd graph also reaches outside the rules'
+    modules (`outside`): {id: (owner, its name there)} where that use is inside their owner module's own forward,
+    which no rule covers (Gemma's scaled word embedding, an nn.Embedding subclass overriding
+    forward, tied to a Linear head). Then the generic rule of the owner gives that use's rows.
+    The owner must have run and must not contain a rule's module that uses the parameter too
+    (its generic rows would count that use twice); a walk that also jumps over the owners' calls
+    must no longer reach the parameter. Any other use (a functional call in a parent module) is
+    refused, naming the parameter."""
+    if not outside:
+        return {}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter has several holders
+    for m in names:
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in outside:
+                owners.setdefault(id(p), []).append((m, pname))
+    rule_modules = {m for _, m, _ in specific}
+    inside: dict[int, tuple[nn.Module, str]] = {}
+    for pid, holders in owners.items():
+        for owner, pname in holders:
+            nested = [m for m in owner.modules() if m in rule_modules and any(id(q) == pid for q in m.parameters())]
+            if owner in capture.calls and not nested:
+                inside[pid] = (owner, pname)
+                break
+    hosts = {owner for owner, _ in inside.values()}
+    still = params_reached_outside(f_flat, regions + [c for m in hosts for c in capture.calls[m]])
+    for pid in outside:
+        if pid not in inside or pid in still:
+            owner, pname = owners[pid][0]
+            where = names[owner]
+            full = (where + "." if where else "") + pname
+            raise ValueError(
+                f"parameter {full!r} is used outside the forward of its module {where!r} (e.g. a functional call "
+                "on a tied weight); egn_fast cannot attribute that use to a layer rule. Tie it through a module "
+                "instead, e.g. head = nn.Linear(d, V, bias=False); head.weight = wte.weight; logits = head(h)"
+            )
+    return inside
 
 
 def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ..capture.compiled import eager
 from ..ops import Backend
 from .factors import Factors, merge_shared
 from .generic import generic_factors
@@ -21,10 +22,11 @@ def layer_factors(captured: ModelCapture, ctx: RuleContext, ops: Backend) -> lis
     """Every planned module's factors from its captured calls (after `captured.backward`), with
     layers that share a parameter merged; then the calls are released. ctx: the context of
     every rule, less the module's name. Parametrizations are re-evaluated in eval mode meanwhile
-    (egn_fast.rules.parametrized). Call under torch.no_grad()."""
+    (egn_fast.rules.parametrized). Call under torch.no_grad(). Compiled modules re-run eagerly
+    (egn_fast.capture.compiled), as in the capture."""
     plan, calls = captured.plan, captured.calls
     factors: list[Factors] = []
-    with reevaluated_parametrizations(plan.named_modules(), calls):
+    with eager(), reevaluated_parametrizations(plan.named_modules(), calls):
         for name, m, rule in plan.specific:
             f = rule(m, calls[m], replace(ctx, name=name))
             if f is not None:
