@@ -1,0 +1,106 @@
+"""Compiled models: `torch.compile(model)` (an OptimizedModule) and `module.compile()` per block are
+accepted wherever a model is, with the eager model's exact direction (the capture runs the
+original forwards: egn_fast/capture/compiled.py). Most tests use the "aot_eager" backend (AOT
+autograd's compiled forward and backward without code generation: the wrapper is the point, and
+it compiles in a fraction of a second); one uses the default inductor backend."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import egn_fast
+from oracle import dense_direction, rel_err
+from token_models import TinyGPT, exact_token_oracle, randomize, token_data
+
+LAM = 0.1
+V = 7
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def mlp_data(b: int = 5) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randn(b, 3, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first_call", "compiled_before"])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_whole_mlp_compiled_is_exact(backend, warm):
+    """The issue's case: inductor used to fail the capture ("did not settle … after 5 attempts")."""
+    model = mlp()
+    compiled = torch.compile(model, backend=backend)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
+    x, y = mlp_data()
+    if warm:
+        compiled(x)
+    d = egn_fast.direction(compiled, x, y, loss="mse", damping=LAM)
+    assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss("mse"), LAM)) < 1e-10
+
+
+def test_per_block_compiled_mlp_is_exact():
+    model = mlp()
+    model[2].compile(backend="aot_eager")
+    x, y = mlp_data()
+    model(x)
+    assert model[2]._compiled_call_impl is not None
+    d = egn_fast.direction(model, x, y, loss="mse", damping=LAM)
+    model[2]._compiled_call_impl = None  # the oracle's torch.func transforms run it eagerly
+    assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss("mse"), LAM)) < 1e-10
+
+
+@pytest.mark.parametrize("how", ["whole", "per_block"])
+def test_compiled_transformer_per_token_is_exact(how):
+    """TinyGPT (tied head, causal attention, LayerNorm), per-token cross-entropy with ignored tokens."""
+    model = randomize(TinyGPT(V, 8, 2, 2, 6).double(), 2)
+    ids, y = token_data(3, 6, V, 3)
+    if how == "whole":
+        run = torch.compile(model, backend="aot_eager")
+    else:
+        for block in model.blocks:
+            block.compile(backend="aot_eager")
+        run = model
+    run(ids)
+    d = egn_fast.direction(run, ids, y, loss="cross_entropy", damping=LAM)
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    assert rel_err(d, exact_token_oracle(model, ids, y, LAM)) < 1e-10
+
+
+def test_egn_steps_on_a_compiled_model_equal_the_eager_ones():
+    """Two EGN steps with Armijo line search (whose trial losses run the compiled forward) move the
+    parameters as on the eager model."""
+    eager_model = mlp()
+    compiled_model = copy.deepcopy(eager_model)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    x, y = mlp_data(8)
+    infos = []
+    for model in (eager_model, compiled):
+        opt = egn_fast.EGN(model, loss="mse", damping=LAM, line_search="armijo")
+        infos.append([opt.step(x, y) for _ in range(2)])
+    for a, b in zip(*infos):
+        assert abs(a.loss - b.loss) <= 1e-12 * abs(a.loss)
+    moved = [p.detach() - q for p, q in zip(eager_model.parameters(), mlp().parameters())]
+    assert float(torch.cat([m.reshape(-1) for m in moved]).norm()) > 1e-3  # the steps did move
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_errors_name_parameters_as_in_the_uncompiled_model():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+
+        def forward(self, tok: Tensor) -> Tensor:
+            return nn.functional.linear(self.emb(tok).mean(1), self.emb.weight)
+
+    compiled = torch.compile(Tied().double(), backend="aot_eager")
+    with pytest.raises(ValueError, match="^parameter 'emb.weight' is used outside the forward of its module 'emb'"):
+        egn_fast.direction(compiled, torch.randint(0, 5, (4, 2)), torch.randn(4, 5, dtype=torch.float64))
