@@ -19,7 +19,7 @@ from typing import ContextManager
 
 from torch import nn
 
-__all__ = ["uncompiled", "eager"]
+__all__ = ["uncompiled", "running_eager"]
 
 
 def _compiling_loaded() -> bool:
@@ -41,7 +41,7 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def eager() -> ContextManager[None]:
+def running_eager() -> ContextManager[None]:
     """Within the block every compiled function and module runs its original eager code."""
     if not _compiling_loaded():
         return contextlib.nullcontext()

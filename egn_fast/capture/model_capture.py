@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checks import check_trainable
 from ..clock import StageClock
-from .compiled import eager, uncompiled
+from .compiled import running_eager, uncompiled
 from .forward import ModelState, capture_planned, undone_on_error
 from .hooks import Closure, Inputs, ModuleCall, forward_of, output_grads
 from .plan import Plan, check_inputs, collect_trainable
@@ -115,6 +115,6 @@ def capture_model(
     clock = StageClock(device, timings)
     batch_size = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
     trainable = {id(p) for p in params}
-    with clock("forward"), undone_on_error(model, device) as state, eager():
+    with clock("forward"), undone_on_error(model, device) as state, running_eager():
         capture, outputs, targets, plan = capture_planned(model, forward, hooked, trainable, state, batch_size)
     return ModelCapture(params, device, outputs, targets, capture.output_shape, plan, capture.calls, state, clock)

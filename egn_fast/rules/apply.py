@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..capture.compiled import eager
+from ..capture.compiled import running_eager
 from ..ops import Backend
 from .factors import Factors, merge_shared
 from .generic import generic_factors
@@ -26,7 +26,7 @@ def layer_factors(captured: ModelCapture, ctx: RuleContext, ops: Backend) -> lis
     (egn_fast.capture.compiled), as in the capture."""
     plan, calls = captured.plan, captured.calls
     factors: list[Factors] = []
-    with eager(), reevaluated_parametrizations(plan.named_modules(), calls):
+    with running_eager(), reevaluated_parametrizations(plan.named_modules(), calls):
         for name, m, rule in plan.specific:
             f = rule(m, calls[m], replace(ctx, name=name))
             if f is not None:

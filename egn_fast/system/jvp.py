@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..capture import Closure
-from ..capture.compiled import eager
+from ..capture import running_eager
 
 if TYPE_CHECKING:
     from .row_space import RowSpaceSystem
@@ -27,7 +27,7 @@ def row_jvp_fn(system: RowSpaceSystem, forward: Closure) -> Callable[[list[Tenso
     The parameters must not change while it is in use.
     """
     # callers are usually optimizer steps under no_grad; compiled code cannot be differentiated twice
-    with torch.enable_grad(), eager():
+    with torch.enable_grad(), running_eager():
         out, _ = forward()
         if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != system.b:
             raise ValueError(f"forward() must return outputs of batch size {system.b}, as when the system was built")
