@@ -44,14 +44,17 @@ def test_whole_mlp_compiled_is_exact(backend, warm):
     assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss("mse"), LAM)) < 1e-10
 
 
-def test_per_block_compiled_mlp_is_exact():
+@pytest.mark.parametrize("which", ["block", "whole"])
+def test_module_compile_on_an_mlp_is_exact(which):
+    """`module.compile()` on one layer, or on the whole model (its __call__ compiled, no wrapper)."""
     model = mlp()
-    model[2].compile(backend="aot_eager")
+    target = model[2] if which == "block" else model
+    target.compile(backend="aot_eager")
     x, y = mlp_data()
     model(x)
-    assert model[2]._compiled_call_impl is not None
+    assert target._compiled_call_impl is not None
     d = egn_fast.direction(model, x, y, loss="mse", damping=LAM)
-    model[2]._compiled_call_impl = None  # the oracle's torch.func transforms run it eagerly
+    target._compiled_call_impl = None  # the oracle's torch.func transforms run it eagerly
     assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss("mse"), LAM)) < 1e-10
 
 

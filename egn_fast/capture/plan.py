@@ -203,8 +203,8 @@ def _make_plan(
     autograd graph reaches (custom modules, modules used functionally by a parent, parameters
     of modules that were never called themselves) goes to the generic rule of the innermost
     called module that contains its owner. A parameter a rule covers in another module that its
-    owner also uses in its own forward (own_uses: id -> (owner, name), `_uses_in_own_forward`) gets the
-    owner's generic rows too; merge_shared sums the two.
+    owner also uses in its own forward (own_uses: id -> (owner, name), `_uses_in_own_forward`)
+    gets the owner's generic rows too; merge_shared sums the two.
     """
     parents: dict[nn.Module, nn.Module] = {}
     for m in model.modules():
@@ -239,9 +239,10 @@ def _uses_in_own_forward(
     regions: list,
 ) -> dict[int, tuple[nn.Module, str]]:
     """For parameters a rule covers that the autograd graph also reaches outside the rules'
-    modules (`outside`): {id: (owner, its name there)} where that use is inside their owner module's own forward,
-    which no rule covers (Gemma's scaled word embedding, an nn.Embedding subclass overriding
-    forward, tied to a Linear head). Then the generic rule of the owner gives that use's rows.
+    modules (`outside`): {id: (owner, its name there)} where that use is inside the forward of
+    their owner module, which no rule covers (Gemma's scaled word embedding, an nn.Embedding
+    subclass overriding forward, tied to a Linear head). The owner's generic rule gives that
+    use's rows.
     The owner must have run and must not contain a rule's module that uses the parameter too
     (its generic rows would count that use twice); a walk that also jumps over the owners' calls
     must no longer reach the parameter. Any other use (a functional call in a parent module) is
