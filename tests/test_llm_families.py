@@ -62,6 +62,17 @@ def test_causal_lm_per_token_exact(family):
     assert err < FAMILIES[family][3], err
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_causal_lm_batch_equal_to_length(family):
+    """b == T: the (1, T) position ids and the rotary tables have a dimension of size b that holds
+    no samples (docs/design.md §2.1)."""
+    model = causal_lm(family, seed=7)
+    ids, y = token_data(4, 4, V, seed=8, ignored=2)
+    d = egn_fast.direction(model, ids, y, loss="cross_entropy", damping=LAM)
+    err = rel_err(d, exact_token_oracle(model, ids, y, LAM))
+    assert err < FAMILIES[family][3], err
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal_lm_per_token_mc(family):
     model = causal_lm(family, seed=3)
