@@ -80,9 +80,10 @@ def test_compiled_transformer_per_token_is_exact(how):
     assert rel_err(d, want) < 1e-10
 
 
-def test_egn_steps_on_a_compiled_model_equal_the_eager_ones():
+@pytest.mark.parametrize("call", ["inputs", "closure"])
+def test_egn_steps_on_a_compiled_model_equal_the_eager_ones(call):
     """Two EGN steps with Armijo line search (whose trial losses run the compiled forward) move the
-    parameters as on the eager model."""
+    parameters as on the eager model; with (inputs, targets) or a closure over the compiled model."""
     eager_model = mlp()
     compiled_model = copy.deepcopy(eager_model)
     compiled = torch.compile(compiled_model, backend="aot_eager")
@@ -90,7 +91,8 @@ def test_egn_steps_on_a_compiled_model_equal_the_eager_ones():
     infos = []
     for model in (eager_model, compiled):
         opt = egn_fast.EGN(model, loss="mse", damping=LAM, line_search="armijo")
-        infos.append([opt.step(x, y) for _ in range(2)])
+        step = (lambda: opt.step(x, y)) if call == "inputs" else (lambda: opt.step(closure=lambda: (model(x), y)))
+        infos.append([step() for _ in range(2)])
     for a, b in zip(*infos):
         assert abs(a.loss - b.loss) <= 1e-12 * abs(a.loss)
     moved = [p.detach() - q for p, q in zip(eager_model.parameters(), mlp().parameters())]
