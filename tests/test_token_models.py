@@ -7,29 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 import egn_fast
 from egn_fast.rules import rule_for
 from egn_fast.rules.linear import conv1d_transposed_factors
-from oracle import dense_jacobian, rel_err, unflat
-from token_models import TinyGPT, randomize, token_data
+from oracle import rel_err
+from token_models import TinyGPT, causal_lm_logits, exact_token_oracle, mc_token_oracle, randomize, token_data
 
 pytest.importorskip("transformers")
 
 V, T, LAM = 12, 4, 0.2
-
-
-class Logits(nn.Module):
-    """GPT2LMHeadModel's stock forward, its logits (b, T, V)."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.lm(input_ids=input_ids).logits
 
 
 def tiny_gpt2(seed: int) -> nn.Module:
@@ -38,38 +26,7 @@ def tiny_gpt2(seed: int) -> nn.Module:
     cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=V, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0,
                      attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(seed)
-    model = Logits(GPT2LMHeadModel(cfg)).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-def token_ce(f: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1))
-
-
-def exact_oracle(model: nn.Module, ids: Tensor, y: Tensor, lam: float) -> list[Tensor]:
-    """d = −Jᵀ(QJJᵀ + λI)⁻¹∇L, Q = ∇²L and ∇L of the batch loss in the outputs (autograd)."""
-    out, J = dense_jacobian(model, ids)
-    value = lambda v: token_ce(v.view(out.shape[0], T, -1), y)
-    grad, Q = torch.func.grad(value)(out.reshape(-1)), torch.func.hessian(value)(out.reshape(-1))
-    M = Q @ (J @ J.T) + lam * torch.eye(J.shape[0], dtype=J.dtype)
-    return unflat(model, -(J.T @ torch.linalg.solve(M, grad)))
-
-
-def mc_oracle(model: nn.Module, ids: Tensor, y: Tensor, samples: Tensor, lam: float) -> list[Tensor]:
-    """d = −(UᵀU + λI)⁻¹g, U's rows u_ijᵀJ_i/√(N·k), u_ij the gradient of sequence i's summed
-    token losses at the drawn labels ŷ_ij (F.cross_entropy, ignore_index), by Woodbury."""
-    out, J = dense_jacobian(model, ids)
-    b, c = out.shape
-    k, N = samples.shape[0], int((y != -100).sum())
-    seq = lambda f, t: F.cross_entropy(f.view(T, -1), t, reduction="sum", ignore_index=-100)
-    U = torch.stack([J.view(b, c, -1)[i].T @ torch.func.grad(seq)(out[i], s[i]) for s in samples for i in range(b)])
-    U = U / (N * k) ** 0.5
-    g = J.T @ torch.func.grad(lambda v: token_ce(v.view(b, T, -1), y))(out.reshape(-1))
-    inner = torch.linalg.solve(U @ U.T + lam * torch.eye(U.shape[0], dtype=U.dtype), U @ g)
-    return unflat(model, -(g - U.T @ inner) / lam)
+    return causal_lm_logits(GPT2LMHeadModel(cfg), seed)
 
 
 def test_gpt2_uses_the_conv1d_rule():
@@ -85,7 +42,7 @@ def test_gpt2_per_token_exact(b):
     model = tiny_gpt2(1)
     ids, y = token_data(b, T, V, 2, ignored=2)
     d = egn_fast.direction(model, ids, y, loss="cross_entropy", damping=LAM)
-    assert rel_err(d, exact_oracle(model, ids, y, LAM)) < 1e-8
+    assert rel_err(d, exact_token_oracle(model, ids, y, LAM)) < 1e-8
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -94,7 +51,7 @@ def test_gpt2_per_token_mc(k):
     ids, y = token_data(3, T, V, 4, ignored=3)
     info = egn_fast.direction_with_info(model, ids, y, loss="cross_entropy", damping=LAM, curvature="mc", mc_samples=k,
                                         generator=torch.Generator().manual_seed(k))
-    assert rel_err(info.direction, mc_oracle(model, ids, y, info.samples, LAM)) < 1e-8
+    assert rel_err(info.direction, mc_token_oracle(model, ids, y, info.samples, LAM)) < 1e-8
 
 
 def test_gpt2_trains_with_its_stock_forward():

@@ -1,5 +1,7 @@
 """Language models for the per-token tests: a nanoGPT-style char model built from standard modules,
-random per-token targets with ignored tokens, and the oracle's Ĥ rebuilt from drawn labels."""
+random per-token targets with ignored tokens, the oracle's Ĥ rebuilt from drawn labels, and the
+per-token oracles for models too wide for a d×d solve (exact H by the push-through identity, the
+drawn labels' Ĥ by Woodbury), both on the dense float64 J."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oracle import dense_jacobian
+from oracle import dense_jacobian, unflat
 
 
 class Block(nn.Module):
@@ -84,3 +86,55 @@ def sampled_hessian(model: nn.Module, ids: Tensor, samples: Tensor, per_sample_l
 def seq_ce_sum(f: Tensor, y: Tensor) -> Tensor:
     """One sequence's summed token losses: f (T·V,), y (T,) with −100 ignored."""
     return F.cross_entropy(f.view(y.shape[0], -1), y, reduction="sum", ignore_index=-100)
+
+
+class Logits(nn.Module):
+    """A Hugging Face causal LM's stock forward, its logits (b, T, V)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def causal_lm_logits(lm: nn.Module, seed: int, scale: float = 0.3) -> Logits:
+    """The LM's logits as a float64 eval-mode model, every parameter moved by scale·N(0, 1) away
+    from its init (HF inits are small: near-uniform softmaxes would hide errors)."""
+    model = Logits(lm).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def token_ce(f: Tensor, y: Tensor) -> Tensor:
+    """The per-token batch loss: mean cross-entropy over the counted tokens, f (b, T, V), y (b, T)."""
+    return F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1))
+
+
+def exact_token_oracle(model: nn.Module, ids: Tensor, y: Tensor, lam: float) -> list[Tensor]:
+    """d = −Jᵀ(QJJᵀ + λI)⁻¹∇L, Q = ∇²L and ∇L of the batch loss in the outputs (autograd)."""
+    out, J = dense_jacobian(model, ids)
+    b, T = y.shape
+    value = lambda v: token_ce(v.view(b, T, -1), y)
+    grad, Q = torch.func.grad(value)(out.reshape(-1)), torch.func.hessian(value)(out.reshape(-1))
+    M = Q @ (J @ J.T) + lam * torch.eye(J.shape[0], dtype=J.dtype)
+    return unflat(model, -(J.T @ torch.linalg.solve(M, grad)))
+
+
+def mc_token_oracle(model: nn.Module, ids: Tensor, y: Tensor, samples: Tensor, lam: float) -> list[Tensor]:
+    """d = −(UᵀU + λI)⁻¹g, U's rows u_ijᵀJ_i/√(N·k), u_ij the gradient of sequence i's summed
+    token losses at the drawn labels ŷ_ij (F.cross_entropy, ignore_index), by Woodbury."""
+    out, J = dense_jacobian(model, ids)
+    b, c = out.shape
+    T = y.shape[1]
+    k, N = samples.shape[0], int((y != -100).sum())
+    seq = lambda f, t: F.cross_entropy(f.view(T, -1), t, reduction="sum", ignore_index=-100)
+    U = torch.stack([J.view(b, c, -1)[i].T @ torch.func.grad(seq)(out[i], s[i]) for s in samples for i in range(b)])
+    U = U / (N * k) ** 0.5
+    g = J.T @ torch.func.grad(lambda v: token_ce(v.view(b, T, -1), y))(out.reshape(-1))
+    inner = torch.linalg.solve(U @ U.T + lam * torch.eye(U.shape[0], dtype=U.dtype), U @ g)
+    return unflat(model, -(g - U.T @ inner) / lam)

@@ -263,7 +263,7 @@ def params_reached_outside(f: Tensor, regions: list[ModuleCall]) -> set[int]:
     A region is a call handled by a layer rule: the walk jumps from its outputs straight to its
     inputs, so the parameters used inside it are not reported. What is reported is used
     somewhere no rule sees (functional use, a module that was not called, a parameter passed as
-    a layer input).
+    a layer input). Refuses a reentrant torch.utils.checkpoint in the graph (ValueError).
     """
     jump: dict[Any, list[Tensor]] = {}
     for call in regions:
@@ -278,6 +278,14 @@ def params_reached_outside(f: Tensor, regions: list[ModuleCall]) -> set[int]:
         if node is None or node in seen:
             continue
         seen.add(node)
+        if node.name() == "CheckpointFunctionBackward":
+            # its backward re-runs the forward and raises under torch.autograd.grad, which every
+            # later stage uses; the non-reentrant checkpoint records an ordinary graph
+            raise ValueError(
+                "the model uses torch.utils.checkpoint with use_reentrant=True, whose backward does not support "
+                "torch.autograd.grad: use use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False}))"
+            )
         if node in jump:
             for a in jump[node]:
                 if a.grad_fn is not None:

@@ -4,8 +4,9 @@ A rule reads per-sample rows from a module's input a and output-gradient G, so i
 which slices of a and z belong to sample i. The plan finds out once (egn_fast.capture.plan), with
 one backward from two samples' outputs (`probe_grads`): for a recorded tensor z, sample i's slice
 is the one whose entries move f_i and no other f_j. A z that moves neither probed sample's output
-(its path is dead for them: ReLUs off) is probed again from the other samples' outputs, so a
-path that is dead only for some samples still gets its layout read. Three outcomes:
+(its path is dead for them: ReLUs off) is probed again from the other samples' outputs
+(`probe_layouts`), so a path that is dead only for some samples still gets its layout read.
+Three outcomes:
 
 - a batch dimension `BatchDim(dim, fold, minor)`: z.shape[dim] = b·fold, sample i at
   [i·fold, (i+1)·fold) (sample-major; fold = 1 is the plain case, fold = T is x.reshape(-1, D)
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BatchDim", "to_batch_first", "find_batch_dim", "expand_shared", "probe_grads"]
+__all__ = ["BatchDim", "to_batch_first", "find_batch_dim", "expand_shared", "probe_grads", "probe_layouts"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,30 @@ def probe_grads(f_flat: Tensor, zs: list[Tensor], samples: list[int]) -> list[Te
         # values in [1, 2): no cancellation to an exact zero that would hide a dependence
         v[k, i] = (1 + torch.rand(f_flat.shape[1], generator=gen, dtype=torch.float64)).to(v)
     return list(torch.autograd.grad(f_flat, zs, v, is_grads_batched=True, allow_unused=True, retain_graph=True))
+
+
+# The re-probe of tensors dead for the first two probed samples asks this many samples at once.
+_REPROBE_SAMPLES = 16
+
+
+def probe_layouts(f_flat: Tensor, xs: list[Tensor]) -> tuple[list[BatchDim | None], set[int], set[int]]:
+    """(the batch layout of every x (BatchDim(0) for one f does not depend on), the ids of the x
+    some sample's output depends on, the ids of the x f depends on but no sample's output does
+    (dead: their layout is a guess)). Samples 0 and b − 1 are probed first; an x dead for both
+    is probed again from the other samples, a chunk at a time."""
+    b = f_flat.shape[0]
+    grads = probe_grads(f_flat, xs, [0, b - 1]) if xs else []
+    found = [BatchDim(0) if g is None else find_batch_dim(g, [0, b - 1], b) for g in grads]
+    dead = {k for k, g in enumerate(grads) if g is not None and not g.any()}
+    for i0 in range(1, b - 1, _REPROBE_SAMPLES):
+        if not dead:
+            break
+        samples = list(range(i0, min(b - 1, i0 + _REPROBE_SAMPLES)))
+        ks = sorted(dead)
+        for k, g in zip(ks, probe_grads(f_flat, [xs[k] for k in ks], samples)):
+            if g.any():
+                found[k] = find_batch_dim(g, samples, b)
+                dead.discard(k)
+    dead_ids = {id(xs[k]) for k in dead}
+    reaching = {id(x) for x, g in zip(xs, grads) if g is not None and id(x) not in dead_ids}
+    return found, reaching, dead_ids

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..checks import check_trainable
 from ..clock import StageClock
+from .compiled import running_eager, uncompiled
 from .forward import ModelState, capture_planned, undone_on_error
 from .hooks import Closure, Inputs, ModuleCall, forward_of, output_grads
 from .plan import Plan, check_inputs, collect_trainable
@@ -102,7 +103,10 @@ def capture_model(
     per stage, starting with "forward". Refuses, before the model runs, what no rule can serve
     (batch statistics, Embedding(max_norm), parameters on several devices or the meta device,
     inputs on another device); on any error the model's buffers and RNG are left as they were.
+    A compiled model (`torch.compile(model)`, `module.compile()`) is captured running its eager
+    forward (egn_fast.capture.compiled); names in messages are the uncompiled model's.
     """
+    model = uncompiled(model)
     forward = forward_of(model, inputs, targets, closure)
     params, hooked = collect_trainable(model, None if params is None else {id(p) for p in params})
     device = check_trainable(model, params)
@@ -111,6 +115,6 @@ def capture_model(
     clock = StageClock(device, timings)
     batch_size = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else None
     trainable = {id(p) for p in params}
-    with clock("forward"), undone_on_error(model, device) as state:
+    with clock("forward"), undone_on_error(model, device) as state, running_eager():
         capture, outputs, targets, plan = capture_planned(model, forward, hooked, trainable, state, batch_size)
     return ModelCapture(params, device, outputs, targets, capture.output_shape, plan, capture.calls, state, clock)

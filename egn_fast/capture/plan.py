@@ -24,7 +24,7 @@ from ..rules.generic import generic_in_dims
 from ..rules.parametrized import parametrization_modules, parametrizations_in_eval, planned_rule
 from ..rules.registry import Rule, registry_version
 from .hooks import Capture, Inputs, params_reached_outside
-from .layout import BatchDim, find_batch_dim, probe_grads
+from .layout import BatchDim, probe_layouts
 
 __all__ = ["Plan", "OutputKey", "collect_trainable", "check_inputs", "plan_for", "mixing_error", "module_names"]
 
@@ -166,11 +166,16 @@ def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[
     if pattern is None or not all(m in capture.calls for _, m, _ in pattern.specific):
         names = module_names(model)
         pattern = cache[key] = _PatternPlans(*_specific_modules(capture, trainable, names))
-    reached = frozenset(params_reached_outside(f_flat, [c for _, m, _ in pattern.specific for c in capture.calls[m]]))
+    regions = [c for _, m, _ in pattern.specific for c in capture.calls[m]]
+    reached = frozenset(params_reached_outside(f_flat, regions))
+    own_uses: dict[int, tuple[nn.Module, str]] = {}
+    if pattern.covered & reached:  # checked on every step: a forward may add a functional use with the same calls
+        names = names or module_names(model)
+        own_uses = _uses_in_own_forward(capture, pattern.specific, pattern.covered & reached, names, f_flat, regions)
     plan = pattern.plans.get(reached)
     if plan is None or not all(m in capture.calls for m in plan.modules()):
         names = names or module_names(model)
-        plan = _make_plan(model, capture, f_flat, trainable, names, pattern.specific, pattern.covered, reached)
+        plan = _make_plan(model, capture, f_flat, trainable, names, pattern.specific, pattern.covered, reached, own_uses)
         if not plan.shared and not plan.guessed:
             pattern.plans[reached] = plan
     return plan
@@ -215,13 +220,16 @@ def _make_plan(
     specific: list[tuple[str, nn.Module, Rule]],
     covered: set[int],
     reached: set[int],
+    own_uses: dict[int, tuple[nn.Module, str]],
 ) -> Plan:
     """Assign every trainable parameter that reaches the loss to a rule, then probe the layouts.
 
     A called module with a registered rule covers its own parameters. Every other parameter the
     autograd graph reaches (custom modules, modules used functionally by a parent, parameters
     of modules that were never called themselves) goes to the generic rule of the innermost
-    called module that contains its owner.
+    called module that contains its owner. A parameter a rule covers in another module that its
+    owner also uses in its own forward (own_uses: id -> (owner, name), `_uses_in_own_forward`)
+    gets the owner's generic rows too; merge_shared sums the two.
     """
     parents: dict[nn.Module, nn.Module] = {}
     for m in model.modules():
@@ -233,13 +241,10 @@ def _make_plan(
         for pname, p in owner.named_parameters(recurse=False):
             if id(p) not in trainable or id(p) not in reached:
                 continue
-            if id(p) in covered:
-                raise ValueError(
-                    f"parameter {(names[owner] + '.' if names[owner] else '') + pname!r} is used outside "
-                    f"the forward of its module {names[owner]!r} (e.g. a functional call on a tied "
-                    "weight); egn_fast cannot attribute that use to a layer rule. Tie it through a module instead, "
-                    "e.g. head = nn.Linear(d, V, bias=False); head.weight = wte.weight; logits = head(h)"
-                )
+            if id(p) in covered:  # reached outside its rule: only its owner's own forward may use it
+                host, own_name = own_uses[id(p)]
+                generic.setdefault(host, {})[own_name] = p
+                continue
             host, path = owner, [pname]
             while host not in capture.calls or host in parametrizing:  # W = P(original): its parametrized module decides
                 path.insert(0, names[host].rsplit(".", 1)[-1])
@@ -250,31 +255,51 @@ def _make_plan(
     return plan
 
 
-# The re-probe of tensors dead for the first two probed samples asks this many samples at once.
-_REPROBE_SAMPLES = 16
-
-
-def _layouts(f_flat: Tensor, xs: list[Tensor]) -> tuple[list[BatchDim | None], set[int], set[int]]:
-    """(the batch layout of every x (BatchDim(0) for one f does not depend on), the ids of the x
-    some sample's output depends on, the ids of the x f depends on but no sample's output does
-    (dead: their layout is a guess)). Samples 0 and b − 1 are probed first; an x dead for both
-    is probed again from the other samples, a chunk at a time."""
-    b = f_flat.shape[0]
-    grads = probe_grads(f_flat, xs, [0, b - 1]) if xs else []
-    found = [BatchDim(0) if g is None else find_batch_dim(g, [0, b - 1], b) for g in grads]
-    dead = {k for k, g in enumerate(grads) if g is not None and not g.any()}
-    for i0 in range(1, b - 1, _REPROBE_SAMPLES):
-        if not dead:
-            break
-        samples = list(range(i0, min(b - 1, i0 + _REPROBE_SAMPLES)))
-        ks = sorted(dead)
-        for k, g in zip(ks, probe_grads(f_flat, [xs[k] for k in ks], samples)):
-            if g.any():
-                found[k] = find_batch_dim(g, samples, b)
-                dead.discard(k)
-    dead_ids = {id(xs[k]) for k in dead}
-    reaching = {id(x) for x, g in zip(xs, grads) if g is not None and id(x) not in dead_ids}
-    return found, reaching, dead_ids
+def _uses_in_own_forward(
+    capture: Capture,
+    specific: list[tuple[str, nn.Module, Rule]],
+    outside: set[int],
+    names: dict[nn.Module, str],
+    f_flat: Tensor,
+    regions: list,
+) -> dict[int, tuple[nn.Module, str]]:
+    """For parameters a rule covers that the autograd graph also reaches outside the rules'
+    modules (`outside`): {id: (owner, its name there)} where that use is inside the forward of
+    their owner module, which no rule covers (Gemma's scaled word embedding, an nn.Embedding
+    subclass overriding forward, tied to a Linear head). The owner's generic rule gives that
+    use's rows.
+    The owner must have run and must not contain a rule's module that uses the parameter too
+    (its generic rows would count that use twice); a walk that also jumps over the owners' calls
+    must no longer reach the parameter. Any other use (a functional call in a parent module) is
+    refused, naming the parameter."""
+    if not outside:
+        return {}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter has several holders
+    for m in names:
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in outside:
+                owners.setdefault(id(p), []).append((m, pname))
+    rule_modules = {m for _, m, _ in specific}
+    inside: dict[int, tuple[nn.Module, str]] = {}
+    for pid, holders in owners.items():
+        for owner, pname in holders:
+            nested = [m for m in owner.modules() if m in rule_modules and any(id(q) == pid for q in m.parameters())]
+            if owner in capture.calls and not nested:
+                inside[pid] = (owner, pname)
+                break
+    hosts = {owner for owner, _ in inside.values()}
+    still = params_reached_outside(f_flat, regions + [c for m in hosts for c in capture.calls[m]])
+    for pid in outside:
+        if pid not in inside or pid in still:
+            owner, pname = owners[pid][0]
+            where = names[owner]
+            full = (where + "." if where else "") + pname
+            raise ValueError(
+                f"parameter {full!r} is used outside the forward of its module {where!r} (e.g. a functional call "
+                "on a tied weight); egn_fast cannot attribute that use to a layer rule. Tie it through a module "
+                "instead, e.g. head = nn.Linear(d, V, bias=False); head.weight = wte.weight; logits = head(h)"
+            )
+    return inside
 
 
 def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, str]) -> None:
@@ -286,7 +311,7 @@ def _probe(plan: Plan, capture: Capture, f_flat: Tensor, names: dict[nn.Module, 
     args = [x for m, _, c in calls if m in generic for x in c.inputs if x.requires_grad]
     # a row-wise output is shared by construction: its rows come from a backward of its own
     zs = [z for _, _, c in calls for q, z in enumerate(c.outputs) if q not in c.rowwise]
-    found, reaching, dead = _layouts(f_flat, zs + args)
+    found, reaching, dead = probe_layouts(f_flat, zs + args)
     layout_of = {id(x): d for x, d in zip(zs + args, found)}
     plan.guessed = any(id(z) in dead for z in zs)
     for m, n, c in calls:

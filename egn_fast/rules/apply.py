@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch.nn.utils import parametrize
 
+from ..capture.compiled import running_eager
 from ..ops import Backend
 from .factors import Factors, merge_shared
 from .generic import generic_factors
@@ -24,12 +25,13 @@ def layer_factors(captured: ModelCapture, ctx: RuleContext, ops: Backend) -> lis
     """Every planned module's factors from its captured calls (after `captured.backward`), with
     layers that share a parameter merged; then the calls are released. ctx: the context of
     every rule, less the module's name. Parametrizations are re-evaluated in eval mode meanwhile
-    (egn_fast.rules.parametrized). Call under torch.no_grad()."""
+    (egn_fast.rules.parametrized). Call under torch.no_grad(). Compiled modules re-run eagerly
+    (egn_fast.capture.compiled), as in the capture."""
     plan, calls = captured.plan, captured.calls
     factors: list[Factors] = []
     # only a module that is parametrized or has submodules can hold a parametrization (most hold none)
     parametrized = any(parametrize.is_parametrized(m) or next(m.children(), None) is not None for m in plan.modules())
-    with reevaluated_parametrizations(plan.named_modules(), calls) if parametrized else nullcontext():
+    with running_eager(), reevaluated_parametrizations(plan.named_modules(), calls) if parametrized else nullcontext():
         for name, m, rule in plan.specific:
             f = rule(m, calls[m], replace(ctx, name=name))
             if f is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..capture import Closure
+from ..capture import running_eager
 
 if TYPE_CHECKING:
     from .row_space import RowSpaceSystem
@@ -25,7 +26,8 @@ def row_jvp_fn(system: RowSpaceSystem, forward: Closure) -> Callable[[list[Tenso
     the forward only once. The graph is kept alive by the returned function: drop it when done.
     The parameters must not change while it is in use.
     """
-    with torch.enable_grad():  # callers are usually optimizer steps under no_grad
+    # callers are usually optimizer steps under no_grad; compiled code cannot be differentiated twice
+    with torch.enable_grad(), running_eager():
         out, _ = forward()
         if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != system.b:
             raise ValueError(f"forward() must return outputs of batch size {system.b}, as when the system was built")
