@@ -84,6 +84,14 @@ def check_trainable(model: nn.Module, params: list[nn.Parameter]) -> torch.devic
     return device
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of x is finite. One sum read as a Python float first (an element-wise
+    check and its reduction cost several ops a step); a sum of finite entries is finite unless it
+    overflows, which the element-wise check then settles."""
+    x = x.detach()
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def per_sample_outputs(out: Any) -> Tensor:
     """The model's output (b, …) flattened to (b, c), or a ValueError saying what is wrong with it."""
     if not isinstance(out, Tensor):

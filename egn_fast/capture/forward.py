@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..checks import per_sample_outputs
+from ..checks import all_finite, per_sample_outputs
 from ..errors import NonFiniteError
 from .hooks import Capture, Closure, ModuleCall
 from .plan import OutputKey, Plan, mixing_error, module_names, plan_for
@@ -49,7 +49,7 @@ class ModelState:
 
 
 def _check_outputs(f_flat: Tensor) -> None:
-    if not torch.isfinite(f_flat.detach()).all():  # detached: isfinite is composite, autograd would trace it
+    if not all_finite(f_flat):
         raise NonFiniteError("the model's outputs contain non-finite values (nan/inf)")
     if not f_flat.requires_grad:
         raise ValueError("the model's outputs do not depend on any trainable parameter")

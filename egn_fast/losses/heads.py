@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..checks import all_finite
 from ..ops import Backend
 
 __all__ = [
@@ -82,7 +83,7 @@ class Loss:
                 f"{b} samples × {c} values per sample (expected (b, …) with {c} values per sample)"
             )
         targets = targets.reshape(b, c).to(outputs.dtype)
-        if not torch.isfinite(targets).all():
+        if not all_finite(targets):
             raise ValueError(f"{self.name}: targets contain non-finite values")
         return targets
 

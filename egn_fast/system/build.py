@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, capture_model
-from ..checks import check_row_space, check_seq_method
+from ..checks import all_finite, check_row_space, check_seq_method
 from ..errors import NonFiniteError
 from ..losses import LossSpec, check_curvature, resolve_loss, rows_for
 from ..ops import check_backend, get_backend
@@ -78,7 +78,7 @@ def build_system(
                 outputs = outputs.float()
             rows = rows_for(loss_fn, outputs, targets, curvature, mc_samples, generator, ops)
             head = rows.head
-            if not torch.isfinite(head.per_sample).all():
+            if not all_finite(head.per_sample):
                 raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
             s = head.S.shape[2]
             if gram:
@@ -102,7 +102,7 @@ def build_system(
                     for f in factors:
                         f.add_gram(K, ops)
             # A nan/inf anywhere in the factors shows on the diagonal (|K_ij|² ≤ K_ii K_jj): O(m) check.
-            if K is not None and not torch.isfinite(K.diagonal().sum()):
+            if K is not None and not all_finite(K.diagonal()):
                 raise NonFiniteError("the Gram has non-finite entries: some layer input or output-gradient is nan/inf")
         if grad is None:
             w = head.w.reshape(-1).to(acc_dtype)

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..checks import check_row_space
+from ..checks import all_finite, check_row_space
 from ..errors import NonFiniteError
 from ..rules import PerSampleFactors
 from .row_space import RowSpaceSystem, WoodburySystem, project
@@ -50,7 +50,7 @@ def with_diagonal_metric(system: RowSpaceSystem, scale: list[Tensor]) -> RowSpac
     K = torch.zeros(m, m, dtype=dtype, device=system.w.device)
     for f in factors:
         f.add_gram(K, ops)
-    if not torch.isfinite(K.diagonal().sum()):
+    if not all_finite(K.diagonal()):
         raise NonFiniteError("the Gram has non-finite entries: some layer input, output-gradient or metric is nan/inf")
     if not isinstance(system, WoodburySystem):
         return replace(system, K=K, factors=factors)
