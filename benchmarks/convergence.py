@@ -44,7 +44,7 @@ from common import machine_info  # noqa: E402
 from convergence_report import markdown, task_report  # noqa: E402
 
 from egn_fast import EGN, SGN, NonFiniteError, SolveError, resolve_loss  # noqa: E402
-from egn_fast.cli.training import Dataset, History, fit, make_mlp  # noqa: E402
+from egn_fast.cli.training import Dataset, History, fit, make_mlp, validation_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -228,16 +228,6 @@ class Run:
         return self.history.test_metric[-1]
 
 
-def validation_split(data: Dataset, seed: int = 0) -> Dataset:
-    """The training split divided into train' and a validation set (used as "test" for tuning)."""
-    n = len(data.X_train)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * VALIDATION_FRACTION))
-    val, tr = order[:n_val], order[n_val:]
-    return Dataset(data.name, data.task, data.X_train[tr], data.y_train[tr], data.X_train[val], data.y_train[val],
-                   data.num_outputs)
-
-
 def evaluator(task: Task, data: Dataset) -> Callable[[nn.Module], tuple[float, float]]:
     """model ↦ (train loss on ≤ eval_rows training rows, metric on ≤ eval_rows held-out rows)."""
     rows = task.eval_rows or max(len(data.X_train), len(data.X_test))
@@ -287,7 +277,7 @@ def run_task(task: Task, optimizers: list[OptimizerSpec], steps: int, seeds: tup
     data = task.load(data_dir)
     data = Dataset(data.name, data.task, *(x.to(device) for x in (data.X_train, data.y_train, data.X_test, data.y_test)),
                    data.num_outputs)
-    tuning_data = validation_split(data)
+    tuning_data = validation_split(data, VALIDATION_FRACTION)
     total = steps * sum(len(s.grid) + len(seeds) for s in optimizers)
     runs: list[Run] = []
     chosen: dict[str, dict[str, float]] = {}
