@@ -40,7 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402  (benchmarks/datasets.py)
 import lqr  # noqa: E402  (benchmarks/lqr.py)
-from common import machine_info  # noqa: E402
+from common import comma_names, machine_info  # noqa: E402
 from convergence_report import markdown, task_report  # noqa: E402
 
 from egn_fast import EGN, SGN, NonFiniteError, SolveError, resolve_loss  # noqa: E402
@@ -298,14 +298,6 @@ def run_task(task: Task, optimizers: list[OptimizerSpec], steps: int, seeds: tup
 # --------------------------------------------------------------------------- main
 
 
-def _names(text: str, known: dict[str, Any], what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if not names or unknown:
-        raise SystemExit(f"convergence.py: unknown {what} {unknown}; choose from {list(known)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma list (default: all): " + ", ".join(TASKS))
@@ -320,8 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick and args.full:
         raise SystemExit("convergence.py: --quick and --full exclude each other")
-    tasks = [TASKS[n] for n in _names(args.tasks, TASKS, "task")]
-    optimizers = [OPTIMIZERS[n] for n in _names(args.optimizers, OPTIMIZERS, "optimizer")]
+    tasks = [TASKS[n] for n in comma_names(args.tasks, TASKS, "task", "convergence.py")]
+    optimizers = [OPTIMIZERS[n] for n in comma_names(args.optimizers, OPTIMIZERS, "optimizer", "convergence.py")]
     seeds = tuple(range(1 if args.quick else args.seeds))
     if args.quick:
         optimizers = [OptimizerSpec(s.name, s.label, s.make, s.grid[-1:]) for s in optimizers]

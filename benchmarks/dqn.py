@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import comma_names, machine_info  # noqa: E402
 from dqn_agent import DQNConfig, MinAtarEnv, q_conv, q_mlp, run_dqn  # noqa: E402
 from dqn_report import final_return, report  # noqa: E402
 
@@ -224,13 +224,7 @@ class Scheduler:
 # --------------------------------------------------------------------------- main
 
 
-def _names(text: str, known: dict[str, Any], what: str) -> list[str]:
-    aliases = {"cartpole": "CartPole-v1", "acrobot": "Acrobot-v1", "freeway": "MinAtar-Freeway"}
-    names = [aliases.get(n.strip().lower(), n.strip()) for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if not names or unknown:
-        raise SystemExit(f"dqn.py: unknown {what} {unknown}; choose from {list(known)}")
-    return names
+ALIASES = {"cartpole": "CartPole-v1", "acrobot": "Acrobot-v1", "freeway": "MinAtar-Freeway"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="the finished runs, read to resume "
                         "(default .cache/dqn_runs_<tag>.json; --quick starts afresh)")
     args = parser.parse_args(argv)
-    tasks = [TASKS[n] for n in _names(args.tasks, TASKS, "task")]
-    specs = [OPTIMIZERS[n] for n in _names(args.optimizers, OPTIMIZERS, "optimizer")]
+    tasks = [TASKS[n] for n in comma_names(args.tasks, TASKS, "task", "dqn.py", ALIASES)]
+    specs = [OPTIMIZERS[n] for n in comma_names(args.optimizers, OPTIMIZERS, "optimizer", "dqn.py")]
     seeds = 1 if args.quick else args.seeds
     tag = "cpu_quick" if args.quick else "cpu"
     cache_path = args.cache or REPO / ".cache" / f"dqn_runs_{tag}.json"
