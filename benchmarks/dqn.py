@@ -160,17 +160,23 @@ def quick_config(task: Task) -> DQNConfig:
 
 
 class Scheduler:
-    """Runs a task's runs on a process pool: the grid of every optimizer, extensions where the
-    best point sits at an edge, then the chosen point's seeds. Finished runs go to the cache."""
+    """Runs every task's runs on a process pool, keeping the workers busy: each (task, optimizer)
+    tunes its grid, extends it where the best point sits at an edge, then runs the chosen point's
+    seeds, as soon as the runs it waits for are done. Finished runs go to the cache."""
 
     def __init__(self, pool: ProcessPoolExecutor, cache: dict[str, Any], cache_path: Path, quick: bool, seeds: int,
                  bar: tqdm) -> None:
         self.pool, self.cache, self.cache_path, self.quick, self.seeds, self.bar = pool, cache, cache_path, quick, seeds, bar
         self.pending: dict[Future, str] = {}
 
+    def steps(self, task: Task) -> int:
+        return quick_config(task).total_steps if self.quick else task.config.total_steps
+
+    def key(self, task: Task, spec: OptimizerSpec, value: float, seed: int) -> str:
+        return run_key(task.name, spec.name, value, seed, self.steps(task))
+
     def submit(self, task: Task, spec: OptimizerSpec, value: float, seed: int) -> None:
-        steps = quick_config(task).total_steps if self.quick else task.config.total_steps
-        key = run_key(task.name, spec.name, value, seed, steps)
+        key = self.key(task, spec, value, seed)
         if key not in self.cache and key not in self.pending.values():
             self.pending[self.pool.submit(train_run, task.name, spec.name, value, seed, self.quick)] = key
 
@@ -184,41 +190,48 @@ class Scheduler:
             self.bar.update()
             self.bar.set_postfix_str(key)
 
-    def run_task(self, task: Task, specs: list[OptimizerSpec]) -> dict[str, Any]:
-        """Tune every optimizer (with extensions), then run the chosen points' seeds."""
-        steps = quick_config(task).total_steps if self.quick else task.config.total_steps
-        grids = {s.name: list(s.grid[-1:] if self.quick else s.grid) for s in specs}
-        chosen: dict[str, float] = {}
-        while len(chosen) < len(specs):
+    def decide(self, task: Task, spec: OptimizerSpec, grid: list[float]) -> float | None:
+        """With every grid run of seed 0 done: the chosen value, or None after adding the point
+        beyond an edge that won (at most MAX_EXTENSIONS times; not after a diverged winner)."""
+        scores = {v: final_return(self.cache[self.key(task, spec, v, 0)]) for v in grid}
+        ordered = sorted(grid)
+        best = max(ordered, key=lambda v: scores[v])
+        extensions = len(grid) - (1 if self.quick else len(spec.grid))
+        if len(grid) > 1 and best in (ordered[0], ordered[-1]) and extensions < MAX_EXTENSIONS and math.isfinite(scores[best]):
+            grid.append(best * spec.factor if best == ordered[-1] else best / spec.factor)
+            self.submit(task, spec, grid[-1], 0)
+            return None
+        return best
+
+    def run(self, tasks: list[Task], specs: list[OptimizerSpec]) -> dict[str, Any]:
+        """Tune every optimizer of every task (with extensions), run the chosen points' seeds; per
+        task the steps and, per optimizer, every grid point's final return, the chosen value and
+        the seeds' runs."""
+        grids = {(t.name, s.name): list(s.grid[-1:] if self.quick else s.grid) for t in tasks for s in specs}
+        chosen: dict[tuple[str, str], float] = {}
+        for task in tasks:
             for spec in specs:
-                if spec.name not in chosen:
-                    for value in grids[spec.name]:
-                        self.submit(task, spec, value, 0)
-            while self.pending:
-                self.drain()
-            for spec in specs:
-                if spec.name in chosen:
-                    continue
-                grid = sorted(grids[spec.name])
-                scores = {v: final_return(self.cache[run_key(task.name, spec.name, v, 0, steps)]) for v in grid}
-                best = max(grid, key=lambda v: scores[v])
-                extensions = len(grid) - (1 if self.quick else len(spec.grid))
-                if len(grid) > 1 and best in (grid[0], grid[-1]) and extensions < MAX_EXTENSIONS and math.isfinite(scores[best]):
-                    grids[spec.name].append(best * spec.factor if best == grid[-1] else best / spec.factor)
-                else:
-                    chosen[spec.name] = best
-        for spec in specs:
-            for seed in range(self.seeds):
-                self.submit(task, spec, chosen[spec.name], seed)
-        while self.pending:
+                for value in grids[task.name, spec.name]:
+                    self.submit(task, spec, value, 0)
+        while True:
+            for task in tasks:
+                for spec in specs:
+                    grid = grids[task.name, spec.name]
+                    if (task.name, spec.name) in chosen or any(self.key(task, spec, v, 0) not in self.cache for v in grid):
+                        continue
+                    value = self.decide(task, spec, grid)
+                    if value is not None:
+                        chosen[task.name, spec.name] = value
+                        for seed in range(self.seeds):
+                            self.submit(task, spec, value, seed)
+            if not self.pending:
+                break
             self.drain()
-        runs = {s.name: {"grid": {f"{v:g}": final_return(self.cache[run_key(task.name, s.name, v, 0, steps)])
-                                  for v in sorted(grids[s.name])},
-                         "chosen": chosen[s.name],
-                         "runs": [self.cache[run_key(task.name, s.name, chosen[s.name], seed, steps)]
-                                  for seed in range(self.seeds)]}
-                for s in specs}
-        return {"steps": steps, "runs": runs}
+        return {t.name: {"steps": self.steps(t), "runs": {s.name: {
+            "grid": {f"{v:g}": final_return(self.cache[self.key(t, s, v, 0)]) for v in sorted(grids[t.name, s.name])},
+            "chosen": chosen[t.name, s.name],
+            "runs": [self.cache[self.key(t, s, chosen[t.name, s.name], seed)] for seed in range(self.seeds)],
+        } for s in specs}} for t in tasks}
 
 
 # --------------------------------------------------------------------------- main
@@ -246,13 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache = {} if args.quick or not cache_path.exists() else json.loads(cache_path.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
     started = time.perf_counter()
     total = len(tasks) * sum((1 if args.quick else len(s.grid)) + seeds - 1 for s in specs)
     with ProcessPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="dqn runs", unit="run") as bar:
-        scheduler = Scheduler(pool, cache, cache_path, args.quick, seeds, bar)
-        for task in tasks:
-            results[task.name] = scheduler.run_task(task, specs)
+        results = Scheduler(pool, cache, cache_path, args.quick, seeds, bar).run(tasks, specs)
     settings = {"quick": args.quick, "seeds": seeds, "jobs": args.jobs, "max_extensions": MAX_EXTENSIONS,
                 "configs": {t.name: asdict(quick_config(t) if args.quick else t.config) for t in tasks},
                 "targets": {t.name: t.target for t in tasks},

@@ -141,7 +141,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"ending in the last {FINAL_FRACTION:.0%} of the env steps. Steps/time to target: first time the mean "
              f"of the last {SMOOTHING} episodes reaches the target, over the seeds that reach it; time is the "
              "run's wall time (env steps, action selection and optimizer steps). Optimizer step: ms per "
-             "update (batch of the task's size).", ""]
+             "update (batch of the task's size). `*`: the tuned value is at an edge of its grid.", ""]
     for task, optimizers in data["tasks"].items():
         config, target = s["configs"][task], s["targets"][task]
         lines += [f"## {task}", "",
@@ -155,8 +155,10 @@ def markdown(data: dict[str, Any]) -> str:
         for name, row in optimizers.items():
             axis = s["optimizers"][name]["axis"]
             grid = ", ".join(f"{v}: {'diverged' if r is None else f'{r:.0f}'}" for v, r in row["tuning"].items())
+            values = [float(v) for v in row["tuning"]]
+            edge = "*" if len(values) > 1 and row["chosen"] in (min(values), max(values)) else ""
             lines.append(
-                f"| {name} | {axis} = {row['chosen']:g} ({grid}) | {_fmt(row['final_return'], 1)} | "
+                f"| {name} | {axis} = {row['chosen']:g}{edge} ({grid}) | {_fmt(row['final_return'], 1)} | "
                 f"{row['reached_target']}/{len(row['seeds'])} | {_fmt(row['steps_to_target'])} | "
                 f"{_fmt(row['seconds_to_target'], 1)} | {_fmt(row['total_seconds'], 1)} | {_fmt(row['optimizer_step_ms'], 2)} |")
         lines.append("")

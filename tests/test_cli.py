@@ -136,5 +136,5 @@ def test_demo_tunes_what_is_not_given_and_says_so(tmp_path, capsys):
         line = next(l for l in out.splitlines() if l.startswith(f"{name}: Settings:"))
         assert "egn lr 1, damping " in line and " (tuned); adam lr " in line and line.endswith("; sgd lr 0.05.")
         assert line.count("(tuned)") == 2
-    assert "| egn damping | 0.01: " in out and "| adam lr | 0.001: " in out and "| sgd lr |" not in out
+    assert "| egn damping | 0.01: " in out and "| adam lr | 0.0003: " in out and "| sgd lr |" not in out
     assert "tuned first" in (tmp_path / "results.md").read_text()

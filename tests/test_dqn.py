@@ -183,3 +183,35 @@ def test_quick_script_writes_json_md_png(tmp_path):
     assert rows["egn"]["seeds"][0]["optimizer_steps"] > 0 and rows["egn"]["final_return"]["mean"] > 0
     assert "| egn |" in (tmp_path / "dqn_cpu_quick.md").read_text()
     assert (tmp_path / "dqn_cpu_quick.png").stat().st_size > 1000
+
+
+class FakePool:
+    """Records submissions instead of running them."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple] = []
+
+    def submit(self, fn, *args):
+        self.submitted.append(args)
+        return object()
+
+
+def test_tuning_extends_a_winning_edge_and_keeps_an_inner_winner(tmp_path):
+    task, spec = dqn.TASKS["CartPole-v1"], dqn.OPTIMIZERS["egn"]  # λ grid 1, 10, 100; ×10 beyond an edge
+    pool = FakePool()
+    scheduler = dqn.Scheduler(pool, {}, tmp_path / "c.json", quick=False, seeds=3, bar=None)
+    steps = task.config.total_steps
+
+    def finished(value: float, final: float) -> None:
+        scheduler.cache[scheduler.key(task, spec, value, 0)] = run_record([final], [steps], steps)
+
+    for value, final in ((1.0, 50.0), (10.0, 120.0), (100.0, 300.0)):
+        finished(value, final)
+    grid = [1.0, 10.0, 100.0]
+    assert scheduler.decide(task, spec, grid) is None and grid[-1] == 1000.0  # the edge won: one more point
+    assert pool.submitted == [("CartPole-v1", "egn", 1000.0, 0, False)]
+    finished(1000.0, 80.0)
+    assert scheduler.decide(task, spec, grid) == 100.0  # now inside its grid
+    finished(10000.0, 500.0)
+    grid += [10000.0]
+    assert scheduler.decide(task, spec, grid) == 10000.0  # at most two extensions: an edge may stay

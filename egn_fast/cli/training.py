@@ -317,9 +317,9 @@ def compare(
 
 # The demo's grids: the hyperparameter each optimizer is tuned on and its values (EGN's lr stays 1).
 TUNING_GRIDS = {
-    "egn": ("damping", (1e-2, 1e-1, 1.0, 10.0, 100.0)),
-    "adam": ("lr", (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
-    "sgd": ("lr", (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
+    "egn": ("damping", (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)),
+    "adam": ("lr", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+    "sgd": ("lr", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
 }
 
 
