@@ -44,7 +44,8 @@ from common import comma_names, machine_info  # noqa: E402
 from convergence_report import markdown, task_report  # noqa: E402
 
 from egn_fast import EGN, SGN, NonFiniteError, SolveError, resolve_loss  # noqa: E402
-from egn_fast.cli.training import Dataset, History, fit, make_mlp, validation_split  # noqa: E402
+from egn_fast.cli.training import Dataset, History, fit, make_mlp  # noqa: E402
+from egn_fast.cli.tuning import validation_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)

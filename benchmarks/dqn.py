@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import comma_names, machine_info  # noqa: E402
-from dqn_agent import DQNConfig, MinAtarEnv, q_conv, q_mlp, run_dqn  # noqa: E402
+from dqn_agent import Diverged, DQNConfig, MinAtarEnv, q_conv, q_mlp, run_dqn  # noqa: E402
 from dqn_report import final_return, report  # noqa: E402
 
 from egn_fast import EGN, NonFiniteError, SolveError  # noqa: E402
@@ -134,8 +134,8 @@ def run_key(task: str, optimizer: str, value: float, seed: int, steps: int) -> s
 
 
 def train_run(task_name: str, optimizer: str, value: float, seed: int, quick: bool) -> dict[str, Any]:
-    """One DQN run (in a worker process, one torch thread): its episodes and timings, or where it
-    diverged (EGN's non-finite loss or failed solve; the episodes up to there are kept)."""
+    """One DQN run (in a worker process, one torch thread): its episodes and timings, or why it
+    diverged (non-finite TD targets, EGN's non-finite loss or failed solve)."""
     torch.set_num_threads(1)
     task, spec = TASKS[task_name], OPTIMIZERS[optimizer]
     config = quick_config(task) if quick else task.config
@@ -145,7 +145,7 @@ def train_run(task_name: str, optimizer: str, value: float, seed: int, quick: bo
         warnings.simplefilter("ignore")  # EGN's "solved with jitter" notes would flood the bars
         try:
             episodes = run_dqn(env, task.make_net(env, seed), lambda m: spec.make(m, **{spec.axis: value}), config, seed)
-        except (NonFiniteError, SolveError) as err:
+        except (NonFiniteError, SolveError, Diverged) as err:
             episodes, diverged = None, str(err).splitlines()[0]
     return {"task": task_name, "optimizer": optimizer, "value": value, "seed": seed, "steps": config.total_steps,
             "diverged": diverged, "episodes": None if episodes is None else asdict(episodes)}

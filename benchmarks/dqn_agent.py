@@ -104,6 +104,10 @@ def td_closure(q_net: nn.Module, batch: Batch, targets: Tensor) -> Callable[[], 
 MSE = resolve_loss("mse")
 
 
+class Diverged(RuntimeError):
+    """The TD targets or the loss turned non-finite (the Q-values blew up)."""
+
+
 def train_step(opt: torch.optim.Optimizer, closure: Callable[[], tuple[Tensor, Tensor]]) -> float:
     """One optimizer step on ½ mean (Q(s, a) − y)²; returns the loss before the step."""
     if isinstance(opt, EGN):
@@ -220,8 +224,11 @@ def run_dqn(env: Any, q_net: nn.Module, make_opt: Callable[[nn.Module], torch.op
         if step > config.learning_starts:
             if step % config.train_every == 0:
                 batch = buffer.sample(config.batch_size)
+                targets = td_targets(target_net, batch, config.gamma)
+                if not torch.isfinite(targets).all():
+                    raise Diverged(f"non-finite TD targets at env step {step}")
                 t0 = time.perf_counter()
-                train_step(opt, td_closure(q_net, batch, td_targets(target_net, batch, config.gamma)))
+                train_step(opt, td_closure(q_net, batch, targets))
                 episodes.optimizer_seconds += time.perf_counter() - t0
                 episodes.optimizer_steps += 1
             if step % config.target_every == 0:

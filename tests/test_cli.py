@@ -116,15 +116,15 @@ def test_settings_are_disclosed_with_the_untuned_baselines(wine, tmp_path, capsy
 
 
 def test_tune_picks_the_best_grid_point_and_ranks_divergence_last():
-    from egn_fast.cli import training
+    from egn_fast.cli import training, tuning
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, 3))
     data = training.prepare("linear", X, X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=200), "regression")
-    validation = training.validation_split(data, 0.25, seed=0)
+    validation = tuning.validation_split(data, 0.25, seed=0)
     assert len(validation.X_train) == 120 and len(validation.X_test) == 40
     assert not (validation.X_test[:, None] == data.X_test[None]).all(-1).any()  # the test rows stay out of tuning
-    best, scores = training.tune(validation, "sgd", "lr", (1e-6, 0.1, 1e3), steps=40, hidden=(8,))
+    best, scores = tuning.tune(validation, "sgd", "lr", (1e-6, 0.1, 1e3), steps=40, hidden=(8,))
     assert best == 0.1 and scores[1e3] == float("inf") and scores[0.1] < 0.5 * scores[1e-6], scores
 
 

@@ -143,6 +143,13 @@ def test_run_dqn_on_cartpole_counts_steps_and_updates():
     assert any(not torch.equal(p, q) for p, q in zip(start, net.parameters()))
 
 
+def test_run_dqn_stops_when_the_td_targets_blow_up():
+    config = dqn_agent.DQNConfig(total_steps=600, learning_starts=100, train_every=2, batch_size=32, target_every=20)
+    make_sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1e6)  # noqa: E731
+    with pytest.raises(dqn_agent.Diverged, match="non-finite TD targets"):
+        dqn_agent.run_dqn(gymnasium.make("CartPole-v1"), dqn_agent.q_mlp(4, 2, seed=0), make_sgd, config, seed=0)
+
+
 def test_minatar_freeway_env_and_conv_net():
     pytest.importorskip("minatar")
     env = dqn_agent.MinAtarEnv("freeway", max_steps=5)

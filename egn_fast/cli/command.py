@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import training
+from . import training, tuning
 from ..optim import EGN
 from .training import Dataset, History
 
@@ -130,7 +130,7 @@ def disclosure(args: argparse.Namespace, optimizers: list[str], tuned: dict[str,
     lrs = {n: getattr(args, f"{n}_lr") or DEFAULT_LR[n] for n in DEFAULT_LR}
     damping = DEFAULT_DAMPING if args.damping is None else args.damping
     for name, value in tuned.items():
-        axis = training.TUNING_GRIDS[name][0]
+        axis = tuning.TUNING_GRIDS[name][0]
         lrs[name] = value if axis == "lr" else lrs[name]
         damping = value if name == "egn" and axis == "damping" else damping
     mark = {n: " (tuned)" if n in tuned else "" for n in DEFAULT_LR}
@@ -151,14 +151,14 @@ def tune_demo(data: Dataset, optimizers: list[str], args: argparse.Namespace, op
     """Tune, on a validation split of data's training rows, each optimizer's TUNING_GRIDS
     hyperparameter that the command line did not set. Returns the chosen values and a markdown
     table of every grid point's final validation metric."""
-    validation = training.validation_split(data, DEMO_VALIDATION_FRACTION, seed=args.seed)
+    validation = tuning.validation_split(data, DEMO_VALIDATION_FRACTION, seed=args.seed)
     chosen, lines = {}, [f"| {data.name}: tuning | grid: final validation {data.metric.split()[1]} | chosen |", "|---|---|---|"]
     for name in optimizers:
         if getattr(args, GIVEN_OPTION[name]) is not None:
             continue
-        axis, grid = training.TUNING_GRIDS[name]
+        axis, grid = tuning.TUNING_GRIDS[name]
         fixed = {k: v for k, v in options[name].items() if k != axis}
-        best, scores = training.tune(validation, name, axis, grid, args.steps, fixed, batch_size=args.batch_size,
+        best, scores = tuning.tune(validation, name, axis, grid, args.steps, fixed, batch_size=args.batch_size,
                                      hidden=args.hidden, seed=args.seed)
         chosen[name] = best
         edge = " (grid edge)" if best in (min(grid), max(grid)) else ""
@@ -203,11 +203,11 @@ def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespac
     results: list[tuple[Dataset, list[History]]] = []
     notes = []
     for data in datasets:
-        chosen, tuning = tune_demo(data, optimizers, args, options) if tune else ({}, "")
+        chosen, tuning_table = tune_demo(data, optimizers, args, options) if tune else ({}, "")
         settings = disclosure(args, optimizers, chosen)
-        print(f"{data.name}: {settings}" + (f"\n{tuning}" if tuning else ""), flush=True)
-        notes.append(f"{data.name}: {settings}" + (f"\n\n{tuning}" if tuning else ""))
-        data_options = {n: {**options[n], training.TUNING_GRIDS[n][0]: v} for n, v in chosen.items()}
+        print(f"{data.name}: {settings}" + (f"\n{tuning_table}" if tuning_table else ""), flush=True)
+        notes.append(f"{data.name}: {settings}" + (f"\n\n{tuning_table}" if tuning_table else ""))
+        data_options = {n: {**options[n], tuning.TUNING_GRIDS[n][0]: v} for n, v in chosen.items()}
         histories = training.compare(
             data, optimizers, args.steps, show_progress=not args.no_progress, options={**options, **data_options},
             batch_size=args.batch_size, hidden=args.hidden, seed=args.seed, eval_every=max(1, args.steps // 50),

@@ -9,7 +9,6 @@ step and wall time) → `compare` several → `summary_table` and `plot_curves`.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ __all__ = [
     "Dataset",
     "History",
     "prepare",
-    "validation_split",
     "load_npz",
     "check_labels",
     "sklearn_dataset",
@@ -37,8 +35,6 @@ __all__ = [
     "fit",
     "train",
     "compare",
-    "tune",
-    "TUNING_GRIDS",
     "summary_table",
     "plot_curves",
     "OPTIMIZERS",
@@ -120,17 +116,6 @@ def prepare(name: str, X: np.ndarray, y: np.ndarray, task: str, test_fraction: f
         y_t, num_outputs = torch.tensor(labels, dtype=torch.int64), len(classes)
     X_t = torch.tensor(X, dtype=torch.float32)
     return Dataset(name, task, X_t[tr], y_t[tr], X_t[test], y_t[test], num_outputs)
-
-
-def validation_split(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
-    """The training split divided into train' and a validation set of `fraction` of its rows
-    (returned as the "test" split, for tuning); the test split is not touched."""
-    n = len(data.X_train)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * fraction))
-    val, tr = order[:n_val], order[n_val:]
-    return Dataset(data.name, data.task, data.X_train[tr], data.y_train[tr], data.X_train[val], data.y_train[val],
-                   data.num_outputs)
 
 
 def check_labels(y: np.ndarray) -> None:
@@ -313,38 +298,6 @@ def compare(
             bar.set_postfix_str(name)
             histories.append(train(data, name, steps, progress=bar.update, **{**kwargs, **options.get(name, {})}))
     return histories
-
-
-# The demo's grids: the hyperparameter each optimizer is tuned on and its values (EGN's lr stays 1).
-TUNING_GRIDS = {
-    "egn": ("damping", (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)),
-    "adam": ("lr", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
-    "sgd": ("lr", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
-}
-
-
-def tune(
-    validation: Dataset, optimizer: str, axis: str, grid: tuple[float, ...], steps: int, options: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> tuple[float, dict[float, float]]:
-    """`train` the optimizer once per value of `axis` in `grid` on `validation` (a split of the
-    training data: its "test" rows are the validation rows) and return the value with the best
-    final validation metric, and every value's metric. A run that diverges (non-finite metric or
-    loss, a failed solve) ranks last."""
-    from ..errors import NonFiniteError, SolveError
-
-    higher_is_better = validation.task == "classification"
-    worst = -math.inf if higher_is_better else math.inf
-    scores = {}
-    for value in grid:
-        try:
-            history = train(validation, optimizer, steps, eval_every=steps, **{**(options or {}), **kwargs, axis: value})
-            final = history.test_metric[-1]
-            scores[value] = final if math.isfinite(final) and math.isfinite(history.train_loss[-1]) else worst
-        except (NonFiniteError, SolveError):
-            scores[value] = worst
-    best = (max if higher_is_better else min)(grid, key=lambda v: scores[v])
-    return best, scores
 
 
 def summary_table(data: Dataset, histories: list[History]) -> str:
