@@ -137,7 +137,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# DQN: EGN vs Adam vs SGD{' (quick smoke run, not tuned)' if s['quick'] else ''}", "",
              f"{s['seeds']} seed(s) per optimizer (seed 0 is the tuning run), {s['jobs']} runs in parallel with "
              f"one torch thread each on {data['machine']['cpu']}, torch {data['machine']['torch']}; "
-             f"the whole run took {data['seconds'] / 60:.1f} min. Final return: mean return of the episodes "
+             f"this invocation took {data['seconds'] / 60:.1f} min (runs it found in the cache of earlier "
+             "invocations not counted). Final return: mean return of the episodes "
              f"ending in the last {FINAL_FRACTION:.0%} of the env steps. Steps/time to target: first time the mean "
              f"of the last {SMOOTHING} episodes reaches the target, over the seeds that reach it; time is the "
              "run's wall time (env steps, action selection and optimizer steps). Optimizer step: ms per "
