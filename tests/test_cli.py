@@ -115,7 +115,7 @@ def test_settings_are_disclosed_with_the_untuned_baselines(wine, tmp_path, capsy
     assert "Settings: egn lr 1, damping 0, Armijo line search." in capsys.readouterr().out
 
 
-def test_tune_picks_the_best_grid_point_and_ranks_divergence_last():
+def test_tune_picks_the_best_grid_point_and_ranks_divergence_last(one_torch_thread):
     from egn_fast.cli import training, tuning
 
     rng = np.random.default_rng(1)
@@ -128,7 +128,12 @@ def test_tune_picks_the_best_grid_point_and_ranks_divergence_last():
     assert best == 0.1 and scores[1e3] == float("inf") and scores[0.1] < 0.5 * scores[1e-6], scores
 
 
-def test_demo_tunes_what_is_not_given_and_says_so(tmp_path, capsys):
+def test_demo_tunes_what_is_not_given_and_says_so(tmp_path, capsys, monkeypatch, one_torch_thread):
+    from egn_fast.cli import tuning
+
+    # two points per grid keep the test short; the demo's own grids have six
+    monkeypatch.setattr(tuning, "TUNING_GRIDS", {"egn": ("damping", (0.01, 1.0)), "adam": ("lr", (3e-4, 3e-3)),
+                                                 "sgd": ("lr", (1e-2, 1e-1))})
     argv = ["demo", "--steps", "3", "--batch-size", "16", "--no-progress", "--sgd-lr", "0.05", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

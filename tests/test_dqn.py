@@ -22,6 +22,9 @@ import dqn_report  # noqa: E402
 from egn_fast import EGN  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
 def test_replay_buffer_keeps_the_last_capacity_transitions():
     buffer = dqn_agent.ReplayBuffer(capacity=4, obs_shape=(2,), seed=0)
     for i in range(6):  # transitions 0 and 1 are overwritten by 4 and 5
