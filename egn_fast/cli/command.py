@@ -163,7 +163,7 @@ def tune_demo(data: Dataset, optimizers: list[str], args: argparse.Namespace, op
         chosen[name] = best
         edge = " (grid edge)" if best in (min(grid), max(grid)) else ""
         lines.append(f"| {name} {axis} | " + ", ".join(f"{v:g}: {m:.4g}" for v, m in scores.items()) + f" | {best:g}{edge} |")
-    return chosen, "\n".join(lines)
+    return chosen, "\n".join(lines) if chosen else ""  # nothing tuned: no table
 
 
 def _parser() -> argparse.ArgumentParser:
