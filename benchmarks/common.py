@@ -11,6 +11,7 @@
 * `rel_err`: ‖got − want‖ / ‖want‖ in float64, of two tensors or of two lists of tensors (a
   direction, parameter by parameter).
 * `peak_rss_increase`: the peak resident-set increase of one call (Linux).
+* `comma_names`: a --tasks/--optimizers comma list checked against the known names.
 * `gpu_slug` (a GPU's name in result file names) and `AUTO_MIN_SPEEDUP`, the speed-up over torch
   an accelerated backend needs to take an op in egn_fast/ops/auto_table.json.
 
@@ -208,6 +209,17 @@ def peak_rss_increase(fn: Callable[[], object]) -> int | None:
     peak = _status_bytes("VmHWM")
     del result
     return peak - before
+
+
+def comma_names(text: str, known: Sequence[str], what: str, script: str, aliases: dict[str, str] | None = None) -> list[str]:
+    """The names of a comma list (`aliases` maps other spellings, lower-case, to names); exits with
+    one line naming the unknown ones and the choices."""
+    aliases = aliases or {}
+    names = [aliases.get(n.strip().lower(), n.strip()) for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise SystemExit(f"{script}: unknown {what} {unknown}; choose from {list(known)}")
+    return names
 
 
 def gpu_slug(name: str) -> str:

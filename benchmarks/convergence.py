@@ -40,11 +40,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402  (benchmarks/datasets.py)
 import lqr  # noqa: E402  (benchmarks/lqr.py)
-from common import machine_info  # noqa: E402
+from common import comma_names, machine_info  # noqa: E402
 from convergence_report import markdown, task_report  # noqa: E402
 
 from egn_fast import EGN, SGN, NonFiniteError, SolveError, resolve_loss  # noqa: E402
 from egn_fast.cli.training import Dataset, History, fit, make_mlp  # noqa: E402
+from egn_fast.cli.tuning import validation_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -228,16 +229,6 @@ class Run:
         return self.history.test_metric[-1]
 
 
-def validation_split(data: Dataset, seed: int = 0) -> Dataset:
-    """The training split divided into train' and a validation set (used as "test" for tuning)."""
-    n = len(data.X_train)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * VALIDATION_FRACTION))
-    val, tr = order[:n_val], order[n_val:]
-    return Dataset(data.name, data.task, data.X_train[tr], data.y_train[tr], data.X_train[val], data.y_train[val],
-                   data.num_outputs)
-
-
 def evaluator(task: Task, data: Dataset) -> Callable[[nn.Module], tuple[float, float]]:
     """model ↦ (train loss on ≤ eval_rows training rows, metric on ≤ eval_rows held-out rows)."""
     rows = task.eval_rows or max(len(data.X_train), len(data.X_test))
@@ -287,7 +278,7 @@ def run_task(task: Task, optimizers: list[OptimizerSpec], steps: int, seeds: tup
     data = task.load(data_dir)
     data = Dataset(data.name, data.task, *(x.to(device) for x in (data.X_train, data.y_train, data.X_test, data.y_test)),
                    data.num_outputs)
-    tuning_data = validation_split(data)
+    tuning_data = validation_split(data, VALIDATION_FRACTION)
     total = steps * sum(len(s.grid) + len(seeds) for s in optimizers)
     runs: list[Run] = []
     chosen: dict[str, dict[str, float]] = {}
@@ -308,14 +299,6 @@ def run_task(task: Task, optimizers: list[OptimizerSpec], steps: int, seeds: tup
 # --------------------------------------------------------------------------- main
 
 
-def _names(text: str, known: dict[str, Any], what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if not names or unknown:
-        raise SystemExit(f"convergence.py: unknown {what} {unknown}; choose from {list(known)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma list (default: all): " + ", ".join(TASKS))
@@ -330,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick and args.full:
         raise SystemExit("convergence.py: --quick and --full exclude each other")
-    tasks = [TASKS[n] for n in _names(args.tasks, TASKS, "task")]
-    optimizers = [OPTIMIZERS[n] for n in _names(args.optimizers, OPTIMIZERS, "optimizer")]
+    tasks = [TASKS[n] for n in comma_names(args.tasks, TASKS, "task", "convergence.py")]
+    optimizers = [OPTIMIZERS[n] for n in comma_names(args.optimizers, OPTIMIZERS, "optimizer", "convergence.py")]
     seeds = tuple(range(1 if args.quick else args.seeds))
     if args.quick:
         optimizers = [OptimizerSpec(s.name, s.label, s.make, s.grid[-1:]) for s in optimizers]

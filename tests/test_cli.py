@@ -113,3 +113,33 @@ def test_settings_are_disclosed_with_the_untuned_baselines(wine, tmp_path, capsy
     assert line in (out / "results.md").read_text()
     assert cli.main(_train(wine[0], "--damping", "0", "--line-search", "--out", str(out))) == 0  # λ = 0 with a line search
     assert "Settings: egn lr 1, damping 0, Armijo line search." in capsys.readouterr().out
+
+
+def test_tune_picks_the_best_grid_point_and_ranks_divergence_last(one_torch_thread):
+    from egn_fast.cli import training, tuning
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 3))
+    data = training.prepare("linear", X, X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=200), "regression")
+    validation = tuning.validation_split(data, 0.25, seed=0)
+    assert len(validation.X_train) == 120 and len(validation.X_test) == 40
+    assert not (validation.X_test[:, None] == data.X_test[None]).all(-1).any()  # the test rows stay out of tuning
+    best, scores = tuning.tune(validation, "sgd", "lr", (1e-6, 0.1, 1e3), steps=40, hidden=(8,))
+    assert best == 0.1 and scores[1e3] == float("inf") and scores[0.1] < 0.5 * scores[1e-6], scores
+
+
+def test_demo_tunes_what_is_not_given_and_says_so(tmp_path, capsys, monkeypatch, one_torch_thread):
+    from egn_fast.cli import tuning
+
+    # two points per grid keep the test short; the demo's own grids have six
+    monkeypatch.setattr(tuning, "TUNING_GRIDS", {"egn": ("damping", (0.01, 1.0)), "adam": ("lr", (3e-4, 3e-3)),
+                                                 "sgd": ("lr", (1e-2, 1e-1))})
+    argv = ["demo", "--steps", "3", "--batch-size", "16", "--no-progress", "--sgd-lr", "0.05", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("diabetes", "digits"):
+        line = next(l for l in out.splitlines() if l.startswith(f"{name}: Settings:"))
+        assert "egn lr 1, damping " in line and " (tuned); adam lr " in line and line.endswith("; sgd lr 0.05.")
+        assert line.count("(tuned)") == 2
+    assert "| egn damping | 0.01: " in out and "| adam lr | 0.0003: " in out and "| sgd lr |" not in out
+    assert "tuned first" in (tmp_path / "results.md").read_text()

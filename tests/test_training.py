@@ -46,7 +46,12 @@ def test_prepare_rejects_bad_data(X, y, task, match):
         training.prepare("bad", X, y, task)
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch, one_torch_thread):
+    from egn_fast.cli import tuning
+
+    # the demo tunes first; two points per grid keep the test short
+    monkeypatch.setattr(tuning, "TUNING_GRIDS", {"egn": ("damping", (0.1, 1.0)), "adam": ("lr", (1e-3, 1e-2)),
+                                                 "sgd": ("lr", (1e-2, 1e-1))})
     assert cli.main(["demo", "--steps", "4", "--batch-size", "16", "--no-progress", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "results.md").read_text()
     for name in ("diabetes", "digits", "| egn |", "| adam |", "| sgd |", "steps/s"):

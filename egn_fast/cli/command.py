@@ -1,7 +1,9 @@
 """The `egn-fast` command.
 
     egn-fast demo                      EGN vs Adam vs SGD on scikit-learn's bundled diabetes
-                                       (regression) and digits (classification); no download
+                                       (regression) and digits (classification); no download.
+                                       Each optimizer's lr (EGN's damping) is tuned first on a
+                                       validation split of the training rows (TUNING_GRIDS)
     egn-fast train --data PATH.npz --task regression|classification --optimizer egn,adam
     egn-fast bench                     the quick versions of benchmarks/convergence.py,
                                        step_time.py and step_time_sweep.py (needs the source checkout)
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import training
+from . import training, tuning
 from ..optim import EGN
 from .training import Dataset, History
 
@@ -120,22 +122,55 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, op
         parser.error(f"--out {out} is an existing file; name a directory (created if missing)")
 
 
-def disclosure(args: argparse.Namespace, optimizers: list[str]) -> str:
-    """One line: the settings each optimizer runs with, saying which are defaults (Adam and SGD at
-    torch's default lr are not tuned)."""
+def disclosure(args: argparse.Namespace, optimizers: list[str], tuned: dict[str, float] | None = None) -> str:
+    """One line: the settings each optimizer runs with, saying which were tuned (`tuned`: the value
+    the demo chose for the optimizer's TUNING_GRIDS hyperparameter) and which are defaults (Adam
+    and SGD at torch's default lr are not tuned)."""
+    tuned = tuned or {}
     lrs = {n: getattr(args, f"{n}_lr") or DEFAULT_LR[n] for n in DEFAULT_LR}
-    egn = f"lr {lrs['egn']:g}, damping {DEFAULT_DAMPING if args.damping is None else args.damping:g}"
+    damping = DEFAULT_DAMPING if args.damping is None else args.damping
+    for name, value in tuned.items():
+        axis = tuning.TUNING_GRIDS[name][0]
+        lrs[name] = value if axis == "lr" else lrs[name]
+        damping = value if name == "egn" and axis == "damping" else damping
+    mark = {n: " (tuned)" if n in tuned else "" for n in DEFAULT_LR}
+    egn = f"lr {lrs['egn']:g}, damping {damping:g}{mark['egn']}"
     egn += (", Armijo line search" if args.line_search else "") + (", adaptive damping" if args.adaptive_damping else "")
-    settings = {"egn": egn, "adam": f"lr {lrs['adam']:g}", "sgd": f"lr {lrs['sgd']:g}"}
-    untuned = [n for n in ("adam", "sgd") if n in optimizers and getattr(args, f"{n}_lr") is None]
+    settings = {"egn": egn, "adam": f"lr {lrs['adam']:g}{mark['adam']}", "sgd": f"lr {lrs['sgd']:g}{mark['sgd']}"}
+    untuned = [n for n in ("adam", "sgd") if n in optimizers and n not in tuned and getattr(args, f"{n}_lr") is None]
     note = f" ({' and '.join(untuned)} at torch's default lr, not tuned: set --adam-lr/--sgd-lr)" if untuned else ""
     return "Settings: " + "; ".join(f"{n} {settings[n]}" for n in optimizers) + note + "."
+
+
+# The demo tunes on this fraction of each dataset's training rows (then trains on all of them).
+DEMO_VALIDATION_FRACTION = 0.2
+GIVEN_OPTION = {"egn": "damping", "adam": "adam_lr", "sgd": "sgd_lr"}  # given on the command line: not tuned
+
+
+def tune_demo(data: Dataset, optimizers: list[str], args: argparse.Namespace, options: dict[str, dict]) -> tuple[dict[str, float], str]:
+    """Tune, on a validation split of data's training rows, each optimizer's TUNING_GRIDS
+    hyperparameter that the command line did not set. Returns the chosen values and a markdown
+    table of every grid point's final validation metric."""
+    validation = tuning.validation_split(data, DEMO_VALIDATION_FRACTION, seed=args.seed)
+    chosen, lines = {}, [f"| {data.name}: tuning | grid: final validation {data.metric.split()[1]} | chosen |", "|---|---|---|"]
+    for name in optimizers:
+        if getattr(args, GIVEN_OPTION[name]) is not None:
+            continue
+        axis, grid = tuning.TUNING_GRIDS[name]
+        fixed = {k: v for k, v in options[name].items() if k != axis}
+        best, scores = tuning.tune(validation, name, axis, grid, args.steps, fixed, batch_size=args.batch_size,
+                                     hidden=args.hidden, seed=args.seed)
+        chosen[name] = best
+        edge = " (grid edge)" if best in (min(grid), max(grid)) else ""
+        lines.append(f"| {name} {axis} | " + ", ".join(f"{v:g}: {m:.4g}" for v, m in scores.items()) + f" | {best:g}{edge} |")
+    return chosen, "\n".join(lines) if chosen else ""  # nothing tuned: no table
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="egn-fast", description="Exact Gauss-Newton for PyTorch: demos and training runs")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="EGN vs Adam vs SGD on scikit-learn's bundled data (no download)")
+    demo = sub.add_parser("demo", help="EGN vs Adam vs SGD on scikit-learn's bundled data (no download), each tuned "
+                          "on a validation split (an optimizer whose --damping/--adam-lr/--sgd-lr is given is not tuned)")
     _add_common(demo, steps=300)
     demo.set_defaults(out_default=Path("egn_fast_demo"))
     tr = sub.add_parser("train", help="train an MLP on your own .npz (arrays X and y)")
@@ -154,30 +189,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespace) -> int:
+def _run(datasets: list[Dataset], optimizers: list[str], args: argparse.Namespace, tune: bool) -> int:
+    """Train and compare the optimizers on each dataset; with `tune` (the demo) first tune each
+    optimizer's TUNING_GRIDS hyperparameter on a validation split (unless given)."""
     options = {
         "egn": dict(lr=args.egn_lr, damping=DEFAULT_DAMPING if args.damping is None else args.damping,
                     line_search="armijo" if args.line_search else None, adaptive_damping=args.adaptive_damping),
         "adam": dict(lr=args.adam_lr),
         "sgd": dict(lr=args.sgd_lr),
     }
-    settings = disclosure(args, optimizers)
-    print(settings, flush=True)
     out = args.out or args.out_default
     out.mkdir(parents=True, exist_ok=True)
     results: list[tuple[Dataset, list[History]]] = []
+    notes = []
     for data in datasets:
+        chosen, tuning_table = tune_demo(data, optimizers, args, options) if tune else ({}, "")
+        settings = disclosure(args, optimizers, chosen)
+        print(f"{data.name}: {settings}" + (f"\n{tuning_table}" if tuning_table else ""), flush=True)
+        notes.append(f"{data.name}: {settings}" + (f"\n\n{tuning_table}" if tuning_table else ""))
+        data_options = {n: {**options[n], tuning.TUNING_GRIDS[n][0]: v} for n, v in chosen.items()}
         histories = training.compare(
-            data, optimizers, args.steps, show_progress=not args.no_progress, options=options,
+            data, optimizers, args.steps, show_progress=not args.no_progress, options={**options, **data_options},
             batch_size=args.batch_size, hidden=args.hidden, seed=args.seed, eval_every=max(1, args.steps // 50),
         )
         results.append((data, histories))
     tables = "\n\n".join(training.summary_table(d, hs) for d, hs in results)
+    tuned_note = (f"Each optimizer's hyperparameter was tuned first: {args.steps} steps per grid point on "
+                  f"{1 - DEMO_VALIDATION_FRACTION:.0%} of the training rows, the best final metric on the other "
+                  f"{DEMO_VALIDATION_FRACTION:.0%}; the table's runs then train on all training rows. ") if tune else ""
     header = (
         f"{args.steps} steps of batch {args.batch_size}, MLP hidden {list(args.hidden)}, seed {args.seed}, "
         f"torch {torch.__version__} on {torch.get_num_threads()} CPU thread(s). "
         "Train loss on the whole training set (mse = mean of ½‖f−y‖², standardized target); "
-        f"wall time counts optimizer steps only. {settings}\n\n"
+        f"wall time counts optimizer steps only (tuning excluded). {tuned_note}\n\n" + "\n\n".join(notes) + "\n\n"
     )
     (out / "results.md").write_text(header + tables + "\n")
     curves = {d.name: {"task": d.task, "runs": [asdict(h) for h in hs]} for d, hs in results}
@@ -221,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     _check_options(parser, args, optimizers)
     if args.command == "demo":
         datasets = [training.sklearn_dataset(name, seed=args.seed) for name in DEMO_DATASETS]
-        return _run(datasets, optimizers, args)
+        return _run(datasets, optimizers, args, tune=True)
     try:
         X, y = training.load_npz(args.data, args.x_key, args.y_key)
         data = training.prepare(args.data.stem, X, y, args.task, args.test_fraction, seed=args.seed)
     except (OSError, ValueError) as err:
         raise SystemExit(f"egn-fast train: {err}") from None
-    return _run([data], optimizers, args)
+    return _run([data], optimizers, args, tune=False)
 
 
 if __name__ == "__main__":
