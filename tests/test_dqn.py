@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-gymnasium = pytest.importorskip("gymnasium")
+import gymnasium  # installed by requirements.txt: a missing install fails, it is not skipped
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dqn  # noqa: E402
 import dqn_agent  # noqa: E402
@@ -154,7 +154,6 @@ def test_run_dqn_stops_when_the_td_targets_blow_up():
 
 
 def test_minatar_freeway_env_and_conv_net():
-    pytest.importorskip("minatar")
     env = dqn_agent.MinAtarEnv("freeway", max_steps=5)
     obs, _ = env.reset(seed=0)
     assert obs.shape == env.obs_shape and obs.shape[1:] == (10, 10) and obs.dtype == np.float32 and obs.any()
