@@ -221,3 +221,21 @@ def test_per_token_cross_entropy_is_the_per_sequence_sum_rescaled():
 
     d = egn_fast.direction(model, x, y, loss="cross_entropy", damping=0.2 * 2 / N)
     assert rel_err(d, dense_direction(model, x, y, egn_fast.resolve_loss(per_sequence), 0.2)) < 1e-8
+
+
+def test_cross_entropy_residual_keeps_its_digits_when_the_model_is_sure_and_right():
+    """r_y = p_y − 1 cancels to 0 (or a rounding step) when p_y ≈ 1; the head and the "mc" residual
+    give −Σ_{k≠y} p_k, so r sums to zero per sample and S w = r holds to the last digits."""
+    ce = resolve_loss("cross_entropy")
+    f = torch.tensor([[0.3, 38.0, -60.0], [2.0, -1.5, 0.5]], dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    p = torch.softmax(f, 1)
+    others = p.clone()
+    others[torch.arange(2), y] = 0.0
+    head = ce.head(f, y)
+    for r in (head.r, ce.residual(f, y)):
+        assert float(r[0, 1]) == -float(others[0].sum())  # about −2.3e-17; p_y − 1 gives 0 here
+        assert float(r.sum(1).abs().max()) < 1e-30 + 1e-16 * float(r.abs().max())
+    Sw = (head.S @ head.w[:, :, None])[..., 0]
+    # per sample, relative to that sample's r (sample 0's is ~1e-17)
+    assert ((Sw - head.r).abs().amax(1) <= 1e-14 * head.r.abs().amax(1)).all()

@@ -118,8 +118,7 @@ class CrossEntropyLoss(Loss):
         with torch.no_grad():
             tokens = targets[:, None] if targets.dim() == 1 else targets  # (b,) is one token per sample
             b, T = tokens.shape
-            p = torch.softmax(outputs.reshape(b, T, -1), 2)
-            r = p.scatter_add(2, tokens.clamp(min=0)[..., None], -torch.ones_like(p[..., :1]))
+            r = _residual(torch.softmax(outputs.reshape(b, T, -1), 2), tokens.clamp(min=0))
             if targets.dim() == 2:
                 r = torch.where((tokens != IGNORE_INDEX)[..., None], r, 0.0) * _token_scale(targets)
             return r.view(b, -1)
@@ -163,7 +162,7 @@ class CrossEntropyLoss(Loss):
         p = logp.exp()
         sqrt_p = (0.5 * logp).exp()  # no underflow until log p < 2·log(tiny)
         onehot = F.one_hot(targets, c).to(outputs.dtype)
-        r = p - onehot
+        r = _residual(p, targets)
         logp_y = logp.gather(1, targets[:, None])
         per_sample = -logp_y.squeeze(1)
         # w = √p − e_y/√p_y; p_y clamped to the dtype's smallest normal so w stays finite.
@@ -183,6 +182,13 @@ class CrossEntropyLoss(Loss):
         S.scatter_add_(1, keep.unsqueeze(1), sqrt_p.gather(1, keep).unsqueeze(1))  # + diag(√p)[:, keep]
         w = w_full.gather(1, keep) - v.gather(1, keep) * (coef * w_full).sum(1, keepdim=True)
         return LossHead(per_sample, r, S, w)
+
+
+def _residual(p: Tensor, y: Tensor) -> Tensor:
+    """r = p − e_y over the last dimension (p (…, V), y (…)), its y entry as −Σ_{k≠y} p_k: p_y − 1
+    cancels to nothing when the model is sure and right."""
+    y = y[..., None]
+    return p.scatter(-1, y, -p.scatter(-1, y, 0.0).sum(-1, keepdim=True))
 
 
 def _token_scale(targets: Tensor) -> float:
