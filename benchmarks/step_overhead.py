@@ -30,6 +30,7 @@ step_overhead_cpu_reuse_cpu_memory.*).
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import importlib
 import json
@@ -212,6 +213,7 @@ def load_before(tree: Path) -> ModuleType:
     if absolute:
         raise SystemExit(f"--before: {absolute[0]} imports egn_fast by its absolute name; it cannot be loaded beside this one")
     root = Path(tempfile.mkdtemp(prefix="egn_fast_before_"))
+    atexit.register(shutil.rmtree, root, True)  # the copy lives as long as this process
     shutil.copytree(source, root / "egn_fast_before", ignore=shutil.ignore_patterns("__pycache__", "_C*.so"))
     sys.path.insert(0, str(root))
     return importlib.import_module("egn_fast_before")
