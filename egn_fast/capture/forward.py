@@ -97,11 +97,9 @@ def capture_planned(
                 # under the caller's no_grad (an optimizer step) a view made later would lose its grad_fn
                 f_flat = per_sample_outputs(out)  # a tensor (b, …), b ≥ 1, flattened to (b, c)
         except Exception as err:
-            if newest and newest.keys() <= own:
-                rowwise, newest = rowwise | newest.keys(), {}
+            if newest:  # the expansion broke the forward
+                rowwise, newest = _rowwise_instead(model, newest, own, rowwise, err), {}
                 continue
-            if newest:
-                raise mixing_error(module_names(model), next(iter(newest))) from err
             if not expand:
                 raise
             expand, rowwise = {}, frozenset()  # expansions made for another batch size broke the forward: plan afresh
@@ -112,17 +110,16 @@ def capture_planned(
             if b != b_shared or _target_batch(targets) not in (None, b):
                 expand, rowwise = {}, frozenset()  # made for another batch size
                 continue
-        if newest and not _unchanged(reference, f_flat):
-            if newest.keys() <= own:
-                rowwise, newest = rowwise | newest.keys(), {}
-                continue
-            raise mixing_error(module_names(model), next(iter(newest)))
+        if newest and not _unchanged(reference, f_flat):  # the expansion changed the outputs
+            rowwise, newest = _rowwise_instead(model, newest, own, rowwise), {}
+            continue
         plan = plan_for(model, capture, f_flat, trainable)
         if plan.shared:
             if newest:  # already expanded once and still not per-sample
                 raise mixing_error(module_names(model), next(iter(plan.shared)))
             reference, newest = f_flat.detach(), plan.shared
-            own = {key for key in newest if _takes_own_tensors(model, capture.calls[key[0]][key[1]])}
+            model_tensors = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+            own = {key for key in newest if _takes_only(model_tensors, capture.calls[key[0]][key[1]])}
             expand, b_shared = {**expand, **plan.shared}, b
             continue
         newest = {}
@@ -137,11 +134,23 @@ def capture_planned(
     raise RuntimeError("the model's forward did not settle on one capture after 5 attempts (in-place edits?)")
 
 
-def _takes_own_tensors(model: nn.Module, call: ModuleCall) -> bool:
-    """Whether every tensor the call took is one of the model's parameters or buffers (or a view
-    of one): its outputs are then the same for every sample by construction."""
-    own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    return bool(call.inputs) and all(id(x) in own or (x._base is not None and id(x._base) in own) for x in call.inputs)
+def _takes_only(model_tensors: set[int], call: ModuleCall) -> bool:
+    """Whether every tensor the call took is one of `model_tensors` (the ids of the model's
+    parameters and buffers) or a view of one: its outputs are then the same for every sample by
+    construction."""
+    return bool(call.inputs) and all(
+        id(x) in model_tensors or (x._base is not None and id(x._base) in model_tensors) for x in call.inputs
+    )
+
+
+def _rowwise_instead(
+    model: nn.Module, newest: dict[OutputKey, tuple], own: set[OutputKey], rowwise: frozenset[OutputKey], err: Exception | None = None
+) -> frozenset[OutputKey]:
+    """Expanding `newest` broke the forward or changed its outputs: give them per-row gradients
+    instead when their calls took only the model's own tensors (`own`), else refuse the model."""
+    if newest.keys() <= own:
+        return rowwise | newest.keys()
+    raise mixing_error(module_names(model), next(iter(newest))) from err
 
 
 def _target_batch(targets: object) -> int | None:

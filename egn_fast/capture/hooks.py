@@ -206,28 +206,25 @@ def output_grads(f_flat: Tensor, cotangents: Tensor, calls: list[ModuleCall]) ->
     row (i, k) from a backward of its own with one cotangent per row (`_rowwise_grads`).
     """
     s, b = cotangents.shape[0], f_flat.shape[0]
-    outs = [(call, q) for call in calls for q in range(len(call.outputs))]
-    rowwise = [(call, q) for call, q in outs if q in call.rowwise] if any(call.rowwise for call in calls) else []
-    grads = dict(zip(map(_key, rowwise), _rowwise_grads(f_flat, cotangents, [c.outputs[q] for c, q in rowwise])))
-    plain = [(call, q) for call, q in outs if q not in call.rowwise] if rowwise else outs
-    zs = [call.outputs[q] for call, q in plain]
+    zs = [z for call in calls for z in call.outputs]
+    layouts = [layout for call in calls for layout in call.layouts]
+    row_wise = [q in call.rowwise for call in calls for q in range(len(call.outputs))]
+    rows = [k for k, r in enumerate(row_wise) if r]
+    plain = [k for k, r in enumerate(row_wise) if not r]
+    grads: list[Tensor | None] = [None] * len(zs)
+    for k, g in zip(rows, _rowwise_grads(f_flat, cotangents, [zs[k] for k in rows])):
+        grads[k] = g
     if s == 1:  # one column: a plain backward (a contiguous cotangent: an expanded one is slower)
-        plain_grads = torch.autograd.grad(f_flat, zs, cotangents[0].contiguous(), allow_unused=True)
-        for (call, q), g in zip(plain, plain_grads):
-            layout = call.layouts[q]
-            grads[_key((call, q))] = (
-                None if g is None else g.unsqueeze(1) if layout == PLAIN else to_batch_first(g.unsqueeze(0), layout.shifted(1), b)
-            )
+        found = torch.autograd.grad(f_flat, [zs[k] for k in plain], cotangents[0].contiguous(), allow_unused=True)
+        found = [None if g is None else g.unsqueeze(0) for g in found]
     else:
-        plain_grads = torch.autograd.grad(f_flat, zs, cotangents, is_grads_batched=True, allow_unused=True)
-        for (call, q), g in zip(plain, plain_grads):
-            grads[_key((call, q))] = None if g is None else to_batch_first(g, call.layouts[q].shifted(1), b)
+        found = torch.autograd.grad(f_flat, [zs[k] for k in plain], cotangents, is_grads_batched=True, allow_unused=True)
+    for k, g in zip(plain, found):
+        grads[k] = None if g is None else to_batch_first(g, layouts[k].shifted(1), b)
+    start = 0
     for call in calls:
-        call.grads = [grads[_key((call, q))] for q in range(len(call.outputs))]
-
-
-def _key(call_output: tuple[ModuleCall, int]) -> tuple[int, int]:
-    return id(call_output[0]), call_output[1]
+        call.grads = grads[start : start + len(call.outputs)]
+        start += len(call.outputs)
 
 
 # A row-wise backward takes at most this many rows' cotangents at once.

@@ -272,8 +272,6 @@ def _uses_in_own_forward(
     (its generic rows would count that use twice); a walk that also jumps over the owners' calls
     must no longer reach the parameter. Any other use (a functional call in a parent module) is
     refused, naming the parameter."""
-    if not outside:
-        return {}
     owners: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter has several holders
     for m in names:
         for pname, p in m.named_parameters(recurse=False):

@@ -30,7 +30,6 @@ def validation_split(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
                    data.num_outputs)
 
 
-
 # The demo's grids: the hyperparameter each optimizer is tuned on and its values (EGN's lr stays 1).
 TUNING_GRIDS = {
     "egn": ("damping", (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)),

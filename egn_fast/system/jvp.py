@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ..capture import Closure
-from ..capture import running_eager
+from ..capture import Closure, running_eager
 
 if TYPE_CHECKING:
     from .row_space import RowSpaceSystem
