@@ -115,7 +115,8 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     assert second.state.global_step == 4 and len([h for h in second.state.log_history if "loss" in h]) == 4
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
     a, b = first.egn.state_dict(), second.egn.state_dict()
-    assert a["egn"]["damping"] == b["egn"]["damping"] and torch.equal(a["egn"]["generator_state"], b["egn"]["generator_state"])
+    ea, eb = a["param_groups"][0]["egn"], b["param_groups"][0]["egn"]
+    assert ea["damping"] == eb["damping"] and torch.equal(ea["generator_state"], eb["generator_state"])
     assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in a["state"])
 
 

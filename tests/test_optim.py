@@ -154,7 +154,9 @@ def test_rejected_step_restores_parameters_bit_for_bit_and_raises_damping():
     assert info.loss_after > info.loss and info.step_size == 0.0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.damping == pytest.approx(1.5e-6)
-    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())  # not committed
+    # not committed: the buffers are still the zeros they start as, and no momentum step counted
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
+    assert opt.egn_state["momentum_steps"] == 0
 
 
 def test_step_the_model_predicts_no_decrease_for_is_rejected():

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import all_finite, per_sample_outputs
+from ..dtensors import fsdp_hooks_off, reshard_fsdp
 from ..errors import NonFiniteError
 from .hooks import Capture, Closure, ModuleCall
 from .plan import OutputKey, Plan, mixing_error, module_names, plan_for
@@ -113,7 +114,9 @@ def capture_planned(
         if newest and not _unchanged(reference, f_flat):  # the expansion changed the outputs
             rowwise, newest = _rowwise_instead(model, newest, own, rowwise), {}
             continue
-        plan = plan_for(model, capture, f_flat, trainable)
+        reshard_fsdp(model)  # the rules see the registered (sharded) parameters, egn_fast.dtensors
+        with fsdp_hooks_off([model]):  # its trial re-runs run on full parameter values
+            plan = plan_for(model, capture, f_flat, trainable)
         if plan.shared:
             if newest:  # already expanded once and still not per-sample
                 raise mixing_error(module_names(model), next(iter(plan.shared)))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..checks import check_trainable
 from ..clock import StageClock
+from ..dtensors import is_dtensor
 from .compiled import running_eager, uncompiled
 from .forward import ModelState, capture_planned, undone_on_error
 from .hooks import Closure, Inputs, ModuleCall, forward_of, output_grads
@@ -75,6 +76,8 @@ class ModelCapture:
     def gradient(self, cotangent: Tensor) -> list[Tensor]:
         """Σ_i J_iᵀ cotangent_i for every parameter (zeros where unused); cotangent: (b, c). The
         graph is kept for `backward`."""
+        if any(is_dtensor(p) for p in self.params):  # FSDP's graph holds unsharded copies, not these
+            raise ValueError("the gradient of sharded (FSDP) parameters is not supported here")
         grads = torch.autograd.grad(self.outputs, self.params, cotangent.to(self.outputs.dtype), retain_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(self.params, grads)]
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..checks import check_model
+from ..dtensors import fsdp_aliases
 # the rules' modules, not their package: the rules read this stage's records (a package-level cycle)
 from ..rules.generic import generic_in_dims
 from ..rules.parametrized import parametrization_modules, parametrizations_in_eval, planned_rule
@@ -167,7 +168,8 @@ def plan_for(model: nn.Module, capture: Capture, f_flat: Tensor, trainable: set[
         names = module_names(model)
         pattern = cache[key] = _PatternPlans(*_specific_modules(capture, trainable, names))
     regions = [c for _, m, _ in pattern.specific for c in capture.calls[m]]
-    reached = frozenset(params_reached_outside(f_flat, regions))
+    aliases = fsdp_aliases(model)  # the graph holds FSDP's unsharded tensors
+    reached = frozenset(aliases.get(i, i) for i in params_reached_outside(f_flat, regions))
     own_uses: dict[int, tuple[nn.Module, str]] = {}
     if pattern.covered & reached:  # checked on every step: a forward may add a functional use with the same calls
         names = names or module_names(model)

@@ -1,5 +1,5 @@
 """Data-parallel EGN over torch.distributed (docs/design.md §6): each rank holds a shard of the
-batch and a replica of the parameters; "exact" gives every rank the direction of the concatenated
+batch and a replica of the parameters (or, under FSDP2/HSDP, a shard of them); "exact" gives every rank the direction of the concatenated
 batch, "local" the mean of the per-rank directions.
 
 | file              | what it owns                                                                   |
@@ -7,13 +7,16 @@ batch, "local" the mean of the per-rank directions.
 | data_parallel.py  | `DataParallel` (error sync, row all-gather, the two modes), `DataParallelSystem` |
 | sendable.py       | which form of a layer's rows travels (factors or per-sample rows), byte counts  |
 | shard.py          | `ShardedRows`: per-sample rows sharded by column across ranks, `shard_pays`     |
+| sharded.py        | sharded parameters (FSDP2/HSDP): the shardings served, the group from the mesh  |
 """
 
 from .data_parallel import MODES, DataParallel, DataParallelSystem, check_mode, parameter_checksum, unwrap
 from .sendable import factor_bytes, rebuilt, row_bytes, sendable, tensors_of
 from .shard import ShardedRows, shard_pays
+from .sharded import check_sharding, resolve_distributed
 
 __all__ = [
     "MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "parameter_checksum", "sendable",
-    "factor_bytes", "row_bytes", "tensors_of", "rebuilt", "ShardedRows", "shard_pays",
+    "factor_bytes", "row_bytes", "tensors_of", "rebuilt", "ShardedRows", "shard_pays", "resolve_distributed",
+    "check_sharding",
 ]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, forward_of
+from ..dtensors import is_dtensor
 from ..errors import NonFiniteError, SolveError
 from ..losses import Loss, LossHead
 from ..rules import Factors, PerSampleFactors
@@ -100,8 +101,9 @@ class DataParallel:
         return table
 
     def check_replicated(self, params: list[nn.Parameter]) -> None:
-        """Raise on every rank unless every rank's parameters are bit-identical to rank 0's."""
-        sums = self.sync(None, [parameter_checksum(params)])[:, 1]
+        """Raise on every rank unless every rank's parameters are bit-identical to rank 0's (the
+        sharded ones, DTensors, hold different rows on each rank by design and are skipped)."""
+        sums = self.sync(None, [parameter_checksum([p for p in params if not is_dtensor(p)])])[:, 1]
         differ = (sums != sums[0]).nonzero().flatten().tolist()
         if differ:
             raise ValueError(f"the parameters of rank(s) {differ} differ from rank 0's; data-parallel EGN needs replicas")
@@ -149,6 +151,8 @@ class DataParallel:
         options: those of `build_system` (params, loss, backend, seq_method, timings).
         """
         model = unwrap(model)
+        if any(is_dtensor(p) for p in model.parameters()):
+            self._check_sharded_batch(targets)
         forward = forward_of(model, inputs, targets, closure)
         error: BaseException | None = None
         local: RowSpaceSystem | None = None
@@ -157,7 +161,7 @@ class DataParallel:
         try:
             if options.get("curvature", "exact") != "exact":
                 raise ValueError(f"curvature={options['curvature']!r} with a process_group is not supported yet; use curvature='exact'")
-            local = build_system(model, closure=_refusing_token_targets(forward), gram=not self.exact, **options)
+            local = build_system(model, closure=_refusing_token_targets(forward), gram=not self.exact, part_of_group=True, **options)
             head = local.head
             tensors = [head.per_sample.detach()]
             if self.exact:
@@ -190,6 +194,20 @@ class DataParallel:
         with local.clock("communicate"):
             (per_sample,) = self.gather_rows(tensors, sizes)
         return DataParallelSystem(self, local, None, per_sample)
+
+    def _check_sharded_batch(self, targets: Tensor | None) -> None:
+        """Refuse, on every rank, a step where some rank holds one sample while the parameters are
+        sharded. FSDP all-gathers inside the capture's forward and backward passes, so those
+        passes must be the same on every rank; with one sample the capture cannot tell an output
+        broadcast over the batch from a batch of one, and may take one pass fewer than the other
+        ranks (docs/design.md §6). Checked when the targets are given (their batch size)."""
+        b_r = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else -1
+        sizes = self.sync(None, [b_r])[:, 1].tolist()
+        if 1 in sizes:
+            raise ValueError(
+                f"rank {sizes.index(1)} of {self.world} holds 1 sample: with sharded (FSDP) parameters every rank needs "
+                "at least 2 samples per step (the capture's passes must match across ranks)"
+            )
 
     def _global_system(
         self, local: RowSpaceSystem, kept: list[Factors], sharded: list[Factors], gathered: list[Tensor], b: int
@@ -287,7 +305,14 @@ class DataParallelSystem:
         return [x * (self.dp.world / self.b) for x in self.dp.all_reduce_mean(weighted)]
 
     def curvature(self, forward: Closure, steps: list[Tensor]) -> float:
-        """sᵀHs = (1/b) Σ_r ‖J̃_r s‖² (forward: this rank's closure; steps like `params`)."""
+        """sᵀHs = (1/b) Σ_r ‖J̃_r s‖² (forward: this rank's closure; steps like `params`): from the
+        global factors in exact mode, else (local mode, a factor type without `project`) by row
+        JVPs on each rank's shard, all-reduced."""
+        if self.glob is not None:
+            try:
+                return float(self.glob.project(steps).double().pow(2).sum()) / self.b
+            except NotImplementedError:
+                pass
         local = row_jvp(self.local, forward, steps).double().pow(2).sum().reshape(1)
         dist.all_reduce(local, group=self.dp.group)
         return float(local) / self.b

@@ -39,7 +39,8 @@ class ShardedRows(Factors):
 
     def __init__(self, group: Any, layers: list[PerSampleFactors], sizes: list[int], s: int, dtype: torch.dtype):
         self.group, self.s, self.b = group, s, sum(sizes)
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.rank = rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
         self.params = [p for f in layers for p in f.params]
         local = torch.cat([P.to(dtype).reshape(P.shape[0] * s, -1) for f in layers for P in f.P], 1)  # (m_r, N)
         n = local.shape[1]
@@ -66,6 +67,12 @@ class ShardedRows(Factors):
         dist.all_gather(parts, slice_, group=self.group)
         full = torch.cat([part[: hi - lo] for part, lo, hi in zip(parts, self.bounds, self.bounds[1:])])
         return [x.view(p.shape) for x, p in zip(full.split([p.numel() for p in self.params]), self.params)]
+
+    def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
+        flat = torch.cat([x.reshape(-1).to(dtype) for x in v])[self.bounds[self.rank] : self.bounds[self.rank + 1]]
+        z = backend.project_per_sample(self.P, flat, dtype)
+        dist.all_reduce(z, group=self.group)  # the columns' partial sums: the same J̃v on every rank
+        return z
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         raise NotImplementedError("sharded rows are split across ranks; no rank holds a parameter's full rows")

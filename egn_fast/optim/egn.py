@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, forward_of
 from ..checks import check_damping, check_lr, finite_nonnegative, group_of, trainable
-from ..distributed import DataParallel, check_mode, unwrap
+from ..distributed import DataParallel, resolve_distributed, unwrap
 from ..errors import NonFiniteError, SolveError
 from ..losses import LossSpec, check_curvature
 from ..system import RowSpaceSystem, build_system
@@ -126,7 +126,7 @@ class EGN(ModelOptimizer):
         if max_step_norm is not None and not max_step_norm > 0:
             raise ValueError(f"max_step_norm must be > 0, got {max_step_norm}")
         super().__init__(model, loss, params, dict(lr=lr, weight_decay=weight_decay))
-        mode = check_mode(process_group, distributed)
+        process_group, mode = resolve_distributed(unwrap(model), process_group, distributed)
         self.data_parallel = None if mode is None else DataParallel(process_group, mode, self.param_groups[0]["params"][0].device)
         if self.data_parallel is not None:
             self.data_parallel.check_replicated(list(model.parameters()))
@@ -146,6 +146,15 @@ class EGN(ModelOptimizer):
         if curvature == "mc" and generator is None:
             device = self.param_groups[0]["params"][0].device
             self.generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
+        # Per-parameter state exists from the start, zeros where a first step reads "none yet" (the
+        # same bits: β·0 + x = x): torch.distributed.checkpoint's state-dict helpers load into an
+        # initialized state and would otherwise call step() without a batch to create one
+        for p in trainable(self.param_groups):
+            state = self.state[p]
+            if momentum:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            if metric is not None:
+                state["metric_sq"] = torch.zeros_like(p)
         # Optimizer-wide state (per-parameter state holds the momentum buffers)
         self.egn_state: dict[str, Any] = dict(damping=damping, step_scale=1.0, steps=0, momentum_steps=0, metric_steps=0)
 
@@ -155,22 +164,27 @@ class EGN(ModelOptimizer):
         return self.egn_state["damping"]
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict; EGN's own state (λ, the step multiplier, the step
+        counters, the generator's state) rides in the first param group under "egn", the part of
+        an optimizer state dict that torch.distributed.checkpoint's helpers keep besides "state"."""
         sd = super().state_dict()
-        sd["egn"] = dict(self.egn_state)
+        egn = dict(self.egn_state)
         if self.generator is not None:
-            sd["egn"]["generator_state"] = self.generator.get_state()
+            egn["generator_state"] = self.generator.get_state()
+        sd["param_groups"][0]["egn"] = egn
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        if "egn" not in state_dict:
-            raise ValueError("not an EGN state_dict (no 'egn' entry)")
-        egn = dict(state_dict.pop("egn"))
+        groups = state_dict.get("param_groups") or [{}]
+        if "egn" not in groups[0]:
+            raise ValueError("not an EGN state_dict (its first param group has no 'egn' entry)")
+        egn = dict(groups[0]["egn"])
         rng = egn.pop("generator_state", None)
         if rng is not None and self.generator is not None:
             self.generator.set_state(rng)
         self.egn_state.update(egn)
         super().load_state_dict(state_dict)
+        self.param_groups[0].pop("egn")  # torch copied it into the live group
 
     @torch.no_grad()
     def step(  # type: ignore[override]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, forward_of
 from ..checks import check_damping, check_model, check_params_in_model
+from ..distributed import DataParallel, resolve_distributed, unwrap
 from ..losses import LossSpec, check_curvature, resolve_loss
 from ..system import build_system
 from .step_info import StepInfo
@@ -33,6 +34,9 @@ class EGNPreconditioner:
     solve_dtype: the Cholesky's dtype (default the Gram's); params: the parameters to
     precondition (default: every one with requires_grad); options: seq_method, timings,
     curvature, mc_samples, generator, as for `egn_fast.build_system` (egn_fast.losses.curvature).
+    process_group, distributed: data-parallel steps, each rank on its own shard of the batch, as
+    for `EGN` (egn_fast.distributed); a model sharded with FSDP2 runs over its mesh's ranks without
+    them, and .grad gets each parameter's own shard of −d (a DTensor placed like the parameter).
     """
 
     def __init__(
@@ -44,6 +48,8 @@ class EGNPreconditioner:
         *,
         solve_dtype: torch.dtype | None = None,
         params: Iterable[nn.Parameter] | None = None,
+        process_group: Any = None,
+        distributed: str | None = None,
         **options: Any,
     ) -> None:
         self.damping = check_damping(damping)
@@ -53,14 +59,19 @@ class EGNPreconditioner:
         check_curvature(options.get("curvature", "exact"), options.get("mc_samples", 1), options.get("generator"), self.damping)
         self.params = [p for p in (check_model(model).parameters() if params is None else params) if p.requires_grad]
         check_params_in_model(model, self.params)
-        self.model = model
+        process_group, mode = resolve_distributed(unwrap(model), process_group, distributed)
+        self.data_parallel = None if mode is None else DataParallel(process_group, mode, self.params[0].device)
+        if self.data_parallel is not None:
+            self.data_parallel.check_replicated(list(model.parameters()))
+        self.model = model if self.data_parallel is None else unwrap(model)
         self.loss_fn = resolve_loss(loss)
         self.backend, self.solve_dtype, self.options = backend, solve_dtype, options
 
     @torch.no_grad()
     def step(self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None) -> StepInfo:
         """Set p.grad = −d for every parameter (d the EGN direction on this batch)."""
-        system = build_system(
+        build = build_system if self.data_parallel is None else self.data_parallel.build_system
+        system = build(
             self.model, closure=forward_of(self.model, inputs, targets, closure), params=self.params,
             loss=self.loss_fn, backend=self.backend, **self.options,
         )

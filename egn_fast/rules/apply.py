@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from torch.nn.utils import parametrize
 
 from ..capture.compiled import running_eager
+from ..dtensors import fsdp_hooks_off
 from ..ops import Backend
 from .factors import Factors, merge_shared
 from .generic import generic_factors
@@ -26,12 +27,12 @@ def layer_factors(captured: ModelCapture, ctx: RuleContext, ops: Backend) -> lis
     layers that share a parameter merged; then the calls are released. ctx: the context of
     every rule, less the module's name. Parametrizations are re-evaluated in eval mode meanwhile
     (egn_fast.rules.parametrized). Call under torch.no_grad(). Compiled modules re-run eagerly
-    (egn_fast.capture.compiled), as in the capture."""
+    (egn_fast.capture.compiled), as in the capture, and without FSDP's forward hooks (egn_fast.dtensors)."""
     plan, calls = captured.plan, captured.calls
     factors: list[Factors] = []
     # only a module that is parametrized or has submodules can hold a parametrization (most hold none)
     parametrized = any(parametrize.is_parametrized(m) or next(m.children(), None) is not None for m in plan.modules())
-    with running_eager(), reevaluated_parametrizations(plan.named_modules(), calls) if parametrized else nullcontext():
+    with running_eager(), fsdp_hooks_off(plan.modules()), reevaluated_parametrizations(plan.named_modules(), calls) if parametrized else nullcontext():
         for name, m, rule in plan.specific:
             f = rule(m, calls[m], replace(ctx, name=name))
             if f is not None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture.hooks import ModuleCall
+from ..dtensors import full_value
 from .factors import EmbeddingFactors, concat
 from .registry import RuleContext, register_rule, used_calls
 
@@ -39,9 +40,8 @@ def _padded_bags(module: nn.EmbeddingBag, call: ModuleCall) -> tuple[Tensor, Ten
     return tokens[index], valid, None if weights is None else weights[index] * valid
 
 
-def _coefficients(module: nn.EmbeddingBag, tokens: Tensor, valid: Tensor, weights: Tensor | None) -> Tensor:
-    """c (b, L, 1) for "sum"/"mean", (b, L, dim) for "max": z_i = Σ_j c_ij ∘ E[tok_ij]."""
-    table = module.weight.detach()
+def _coefficients(module: nn.EmbeddingBag, table: Tensor, tokens: Tensor, valid: Tensor, weights: Tensor | None) -> Tensor:
+    """c (b, L, 1) for "sum"/"mean", (b, L, dim) for "max": z_i = Σ_j c_ij ∘ E[tok_ij] (table E: the weight's values)."""
     if module.padding_idx is not None:
         valid = valid & (tokens != module.padding_idx)
     mask = valid.to(table.dtype)
@@ -61,15 +61,16 @@ def embedding_bag_factors(module: nn.EmbeddingBag, calls: list[ModuleCall], ctx:
     weight = ctx.trainable(module.weight)
     if weight is None:
         return None
+    table = full_value(module.weight)  # a sharded weight all-gathered, for this module only
     tok_parts, G_parts = [], []
     for call, G in used_calls(calls):
         tokens, valid, weights = _padded_bags(module, call)
         if tokens.shape[0] != ctx.b:
             raise ValueError(f"module {ctx.name!r} (EmbeddingBag) received {tokens.shape[0]} bags for {ctx.b} samples; "
                              "egn_fast needs one bag per sample")
-        c = _coefficients(module, tokens, valid, weights)
+        c = _coefficients(module, table, tokens, valid, weights)
         recorded = call.outputs[0].detach()
-        reproduced = (c * module.weight.detach()[tokens]).sum(1)
+        reproduced = (c * table[tokens]).sum(1)
         tol = _REPRODUCE_TOL.get(recorded.dtype, 1e-2)
         if not torch.allclose(reproduced.to(recorded.dtype), recorded, rtol=tol, atol=tol):
             raise ValueError(f"module {ctx.name!r} (EmbeddingBag, mode={module.mode!r}): its bags could not be "

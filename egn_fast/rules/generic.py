@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..capture.hooks import ModuleCall
 from ..capture.layout import BatchDim, expand_shared, to_batch_first
+from ..dtensors import full_value
 from .factors import PerSampleFactors
 from .registry import RuleContext
 
@@ -143,7 +144,7 @@ def generic_in_dims(
     choices = list(itertools.islice(itertools.product(*distinct.values()), _MAX_TRIALS))
     if len(choices) == 1:
         return tuple(choices[0][keys.index(id(x))] for x in call.inputs)  # checked at every step
-    theta = {n: p.detach() for n, p in params.items()}
+    theta = {n: full_value(p) for n, p in params.items()}
     want = _recorded(call, b)
     for choice in choices:
         in_dims = tuple(choice[keys.index(id(x))] for x in call.inputs)
@@ -180,7 +181,7 @@ def generic_factors(
     in_dims: per call, the batch layout of each tensor argument (`generic_in_dims`), or None for a
     call whose outputs did not reach the probed samples (then its gradients must be zero)."""
     b, s = ctx.b, ctx.s
-    theta = {n: p.detach() for n, p in params.items()}
+    theta = {n: full_value(p) for n, p in params.items()}  # a sharded parameter all-gathered, for this module only
     total: dict[str, Tensor] = {}
     for call, dims in zip(calls, in_dims):
         if all(g is None or not g.any() for g in call.grads):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture.hooks import ModuleCall
+from ..dtensors import full_value
 from .factors import PerSampleFactors
 from .generic import per_sample_vjp
 from .registry import RuleContext, register_rule
@@ -162,7 +163,7 @@ def _recurrent_rows(
     """Rows P (b, s, *param.shape) for the trainable weights: vjp per sample of the recorded outputs
     with their output-gradients (zeros for an output that does not reach the loss), vmapped over
     b and s; the re-implementation must reproduce the recorded outputs."""
-    weights = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
+    weights = {n: full_value(p) for n, p in module.named_parameters(recurse=False)}
     trainable = {n: w for n, w in weights.items() if ctx.trainable(getattr(module, n)) is not None}
     if not trainable:
         return None

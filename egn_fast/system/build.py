@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, capture_model
 from ..checks import all_finite, check_row_space, check_seq_method
+from ..dtensors import is_dtensor
 from ..errors import NonFiniteError
 from ..losses import LossSpec, check_curvature, resolve_loss, rows_for
 from ..ops import check_backend, get_backend
@@ -42,6 +43,7 @@ def build_system(
     curvature: str = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    part_of_group: bool = False,
 ) -> RowSpaceSystem:
     """Capture, loss head, batched backward and Gram: the row-space system at the current parameters.
 
@@ -57,6 +59,9 @@ def build_system(
     are then not detected here (the Gram's diagonal is the check).
     curvature: "exact" | "mc" (mc_samples rows per sample drawn with `generator`; a
     WoodburySystem) | "empirical" (egn_fast.losses.curvature).
+    part_of_group: set by egn_fast.distributed, which builds each rank's part of a global system;
+    only then may parameters be sharded (DTensors, FSDP2): alone, a rank's system would give its
+    shard of its own batch's direction, which is no one's direction.
     The model's parameters, buffers and .grad fields are left untouched.
     """
     loss_fn = resolve_loss(loss)
@@ -64,6 +69,11 @@ def build_system(
     check_seq_method(seq_method)
     check_curvature(curvature, mc_samples, generator)
     captured = capture_model(model, inputs, targets, closure=closure, params=params, timings=timings)
+    if not part_of_group and any(is_dtensor(p) for p in captured.params):
+        raise ValueError(
+            "the model's parameters are sharded (DTensors, FSDP2): build its system with egn_fast.direction, EGN or "
+            "egn_fast.distributed.DataParallel(...).build_system, which run over the ranks of the mesh"
+        )
     params, device, b, clock = captured.params, captured.device, captured.b, captured.clock
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 

@@ -77,11 +77,11 @@ def direction_with_info(
     Per-token cross-entropy: outputs (b, T, V), targets (b, T), −100 ignored.
     """
     # imported here, not above: egn_fast.distributed is built on this package's build_system
-    from ..distributed import DataParallel, check_mode
+    from ..distributed import DataParallel, resolve_distributed
 
     damping = check_damping(damping)  # before the model runs
     check_curvature(curvature, mc_samples, generator, damping)
-    mode = check_mode(process_group, distributed)
+    process_group, mode = resolve_distributed(model, process_group, distributed)
     build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
     system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings,
                    curvature=curvature, mc_samples=mc_samples, generator=generator)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..capture import Closure, running_eager
+from ..dtensors import is_dtensor
 
 if TYPE_CHECKING:
     from .row_space import RowSpaceSystem
@@ -25,6 +26,11 @@ def row_jvp_fn(system: RowSpaceSystem, forward: Closure) -> Callable[[list[Tenso
     the forward only once. The graph is kept alive by the returned function: drop it when done.
     The parameters must not change while it is in use.
     """
+    if any(is_dtensor(p) for p in system.params):
+        raise ValueError(
+            "row JVPs differentiate through the parameters, and FSDP computes with unsharded copies of sharded "
+            "ones: with sharded parameters J̃v comes from the layer factors (every built-in rule has project)"
+        )
     # callers are usually optimizer steps under no_grad; compiled code cannot be differentiated twice
     with torch.enable_grad(), running_eager():
         out, _ = forward()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..capture import Closure
 from ..checks import check_damping
 from ..clock import StageClock
+from ..dtensors import full_value, local_part
 from ..losses import LossHead
 from ..ops import Backend
 from ..rules import Factors
@@ -106,13 +107,15 @@ class RowSpaceSystem:
         return Solution(damping=damping, gamma=gamma, jitter=jitter, gtd=-w_Kg / self.b, dHd=Kg_Kg / self.b, dnorm2=g_Kg)
 
     def backproject(self, gamma: Tensor) -> list[Tensor]:
-        """d = −J̃ᵀγ, one tensor per trainable parameter (shape, dtype and device of the parameter)."""
+        """d = −J̃ᵀγ, one tensor per trainable parameter (shape, dtype and device of the parameter;
+        a sharded parameter's as a DTensor placed like it, cut to this rank's shard layer by layer,
+        egn_fast.dtensors)."""
         u = -gamma.view(self.b, self.s)
         out: dict[int, Tensor] = {}
         for f in self.factors:
             for p, d in zip(f.params, f.backproject(u, self.backend)):
-                out[id(p)] = d
-        return [out[id(p)].to(p.dtype) if id(p) in out else torch.zeros_like(p) for p in self.params]
+                out[id(p)] = local_part(p, d.to(p.dtype))
+        return [out[id(p)] if id(p) in out else torch.zeros_like(p) for p in self.params]
 
     def project(self, v: list[Tensor]) -> Tensor:
         """J̃v (b, s) in the Gram's dtype for v shaped like `params`, from the layer factors (no
@@ -201,9 +204,10 @@ def _positive(damping: float) -> float:
 def project(
     factors: list[Factors], params: list[nn.Parameter], v: list[Tensor], ops: Backend, dtype: torch.dtype, shape: tuple[int, int]
 ) -> Tensor:
-    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors."""
+    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors (a sharded v
+    all-gathered one layer at a time)."""
     by_id = {id(p): x for p, x in zip(params, v)}
     z = torch.zeros(shape, dtype=dtype, device=v[0].device if v else None)
     for f in factors:
-        z += f.project([by_id[id(p)] for p in f.params], ops, dtype)
+        z += f.project([full_value(by_id[id(p)]) for p in f.params], ops, dtype)
     return z

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..dtensors import full_value
+
 from ..errors import NonFiniteError, SolveError
 from ..ops import Backend
 
@@ -98,8 +100,9 @@ class EigenSolver:
 
 
 def dot(xs: list[Tensor], ys: list[Tensor]) -> float:
-    """Σ_q ⟨xs[q], ys[q]⟩ of two lists of tensors shaped like the parameters, in float64."""
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(xs, ys)))
+    """Σ_q ⟨xs[q], ys[q]⟩ of two lists of tensors shaped like the parameters, in float64 (sharded
+    ones, DTensors, summed over their shards: the same number on every rank)."""
+    return float(sum(full_value((x.double() * y.double()).sum()) for x, y in zip(xs, ys)))
 
 
 @dataclass

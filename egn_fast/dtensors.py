@@ -1,0 +1,141 @@
+"""Parameters sharded as DTensors (FSDP2's `fully_shard`; docs/design.md §6, "Sharded parameters").
+
+A sharded parameter p is a DTensor: its `shape` is the full (global) shape, each rank holds rows
+[lo, hi) of dimension 0 (`Shard(0)` on one mesh dimension, `Replicate()` on any other: FSDP on a
+1-D mesh, HSDP on a 2-D one). The layer factors never need parameter values, so most of the
+pipeline is unchanged; these are the two points where a sharded parameter meets a full-width
+quantity:
+
+- `full_value(p)`: p's full values, for the rules that re-run a module (torch.func, recurrent,
+  embedding bags, parametrizations): an all-gather of that one parameter, for the moment it is
+  needed (every rank runs the same rules in the same order, so the collectives match);
+- `local_part(p, x)`: this rank's rows of a full-size tensor x shaped like p, as a DTensor with
+  p's placements — the back-projection keeps only its own shard, one layer at a time.
+
+Both are the identity for ordinary tensors. Which shardings egn_fast serves is checked once, by
+egn_fast.distributed.sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterable, Iterator
+
+from torch import Tensor, nn
+
+__all__ = ["is_dtensor", "full_value", "local_part", "shard_rows", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off"]
+
+
+def is_dtensor(x: object) -> bool:
+    """Whether x is a DTensor (without importing torch.distributed.tensor when nothing made one)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def full_value(x: Tensor) -> Tensor:
+    """x's full value, detached: a DTensor all-gathered (a collective), else x itself."""
+    return x.detach().full_tensor() if is_dtensor(x) else x.detach()
+
+
+def shard_rows(p: Tensor) -> tuple[int, int]:
+    """[lo, hi): the rows of dimension 0 of the full p that this rank holds (torch.chunk's split:
+    ceil(n / R) rows per rank, the last ranks fewer or none). Placements are checked beforehand
+    (Shard(0) on one mesh dimension, Replicate() on the others)."""
+    from torch.distributed.tensor import Shard
+
+    n = p.shape[0]
+    lo, hi = 0, n
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            size, coord = p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim)
+            chunk = -(-(hi - lo) // size)
+            lo, hi = min(lo + coord * chunk, hi), min(lo + (coord + 1) * chunk, hi)
+    return lo, hi
+
+
+def local_part(p: Tensor, x: Tensor) -> Tensor:
+    """x (p's full shape) cut to this rank's shard of p, as a DTensor placed like p; x itself when
+    p is not a DTensor."""
+    if not is_dtensor(p):
+        return x
+    from torch.distributed.tensor import DTensor
+
+    lo, hi = shard_rows(p)
+    return DTensor.from_local(x[lo:hi].contiguous(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Every `fully_shard` module of `model` back to its sharded state. FSDP2 keeps the root's
+    parameters unsharded after its forward (the module attributes are then plain tensors, not
+    the DTensors the optimizer holds); resharded, every rule sees the registered parameters. The
+    backward passes that follow all-gather what they need again (FSDP's pre-backward hooks)."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def fsdp_aliases(model: nn.Module) -> dict[int, int]:
+    """id of the unsharded parameter FSDP2 computes with → id of the sharded one registered on
+    the module, for every `fully_shard` module of `model` that has been unsharded. The autograd
+    graph of a forward holds the unsharded tensors; the plan's graph walk names parameters by the
+    registered ones. (FSDP2 keeps one unsharded parameter per sharded one across unshard/reshard;
+    this reads its `FSDPParam` records, the only place the pairing is kept.)"""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return {}
+    from torch.distributed.fsdp import FSDPModule
+
+    out: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]
+            for fsdp_param in (p for g in groups if g is not None for p in g.fsdp_params):
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    out[id(unsharded)] = id(fsdp_param.sharded_param)
+    return out
+
+
+@contextlib.contextmanager
+def fsdp_hooks_off(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, FSDP2's forward hooks on these modules and their submodules do not run.
+
+    The rules re-run modules on full parameter values (`full_value`) by torch.func; FSDP's
+    pre-forward hook would replace those values with its own unsharded parameters (and
+    all-gather inside vmap). Autograd hooks on recorded outputs (FSDP's pre-backward) are not
+    touched. The hook tables are restored as they were, order included."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    saved: list[tuple[dict, dict]] = []
+    seen: set[int] = set()
+    for top in modules:
+        for m in top.modules():
+            if not isinstance(m, FSDPModule) or id(m) in seen:
+                continue
+            seen.add(id(m))
+            state = m._get_fsdp_state()
+            for handle in {state._pre_forward_hook_handle, state._post_forward_hook_handle}:
+                for h in getattr(handle, "handles", (handle,)):
+                    refs = h.hooks_dict_ref if isinstance(h.hooks_dict_ref, tuple) else (h.hooks_dict_ref,)
+                    for ref in refs:
+                        table = ref()
+                        if table is not None and h.id in table:
+                            saved.append((table, dict(table)))
+                            del table[h.id]
+    try:
+        yield
+    finally:
+        for table, before in reversed(saved):
+            table.clear()
+            table.update(before)

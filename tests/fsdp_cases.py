@@ -1,0 +1,162 @@
+"""What each rank runs in tests/test_fsdp.py: models sharded with FSDP2's `fully_shard` (per
+child module and at the root) on a 1-D mesh (FSDP) or a replicate × shard mesh (HSDP). Every rank
+builds the same float64 model from one seed and the same global batch, takes its own samples, and
+computes the reference itself: one process on the whole batch with an unsharded copy."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import egn_fast
+from egn_fast import resolve_loss
+from distributed_cases import problem
+from oracle import dense_direction, rel_err
+from token_models import TinyGPT, randomize
+
+# unequal shards of a global batch of 10 (a rank with one sample is refused under sharding)
+SIZES = {2: [4, 6], 4: [2, 2, 3, 3]}
+
+
+def mesh_of(world: int, hsdp: bool):
+    if hsdp:
+        return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (world,))
+
+
+def shard_model(model: nn.Module, mesh, per_child: bool = True) -> nn.Module:
+    """fully_shard on every child (every block of a ModuleList) that holds parameters (not those holding a tied one: tied
+    parameters must share one FSDP group, here the root's), then on the root."""
+    children = [c for top in model.children() for c in (top if isinstance(top, nn.ModuleList) else [top])]
+    children = [c for c in children if any(True for _ in c.parameters())]  # a ModuleList's blocks one by one
+    ids = [{id(p) for p in c.parameters()} for c in children]
+    for c, own in zip(children, ids):
+        if per_child and not any(own & other for other in ids if other is not own):
+            fully_shard(c, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def mine(rank: int, world: int, *tensors: Tensor) -> list[Tensor]:
+    sizes = SIZES[world]
+    start = sum(sizes[:rank])
+    return [t[start:start + sizes[rank]] for t in tensors]
+
+
+def gathered(ds: list[Tensor]) -> list[Tensor]:
+    return [d.full_tensor() if isinstance(d, DTensor) else d for d in ds]
+
+
+def lm_problem(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """TinyGPT (SDPA attention, LayerNorm, an embedding tied to the head) with squared-error targets
+    on its logits (b, T, V); per-token cross-entropy is in test_distributed_lm."""
+    model = randomize(TinyGPT(), seed).double()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, (10, 6), generator=g)
+    return model, ids, torch.randn(10, 6, 5, generator=g, dtype=torch.float64)
+
+
+def directions(rank: int, world: int, cases: list[tuple[str, str]], hsdp: bool) -> dict:
+    """Per case: the sharded direction's error against one process on the whole batch (and, for
+    one case, the dense oracle), whether it is placed like the parameters, and the full direction."""
+    mesh = mesh_of(world, hsdp)
+    out = {}
+    for kind, loss in cases:
+        seed = zlib.crc32(repr((kind, loss)).encode()) % 10_000
+        model, x, y = lm_problem(seed) if kind == "tiny_gpt" else problem(kind, loss, seed)
+        want = egn_fast.direction(model, x, y, loss=loss, damping=0.1)
+        sharded = shard_model(copy.deepcopy(model), mesh)
+        got = egn_fast.direction(sharded, *mine(rank, world, x, y), loss=loss, damping=0.1)
+        placed = all(isinstance(d, DTensor) and d.placements == p.placements and d.to_local().shape == p.to_local().shape
+                     for d, p in zip(got, sharded.parameters()))
+        err = rel_err(gathered(got), want)
+        if kind == "mlp" and loss == "cross_entropy":
+            err = max(err, rel_err(gathered(got), dense_direction(model, x, y, resolve_loss(loss), 0.1)))
+        out[(kind, loss)] = (err, placed, torch.cat([d.reshape(-1) for d in gathered(got)]))
+    return out
+
+
+def preconditioner_and_refusals(rank: int, world: int) -> dict:
+    """EGNPreconditioner's .grad = −d (its own shard); the refusals, each one line."""
+    mesh = mesh_of(world, False)
+    model, x, y = problem("norms", "mse", 5)
+    want = egn_fast.direction(model, x, y, damping=0.3)
+    sharded = shard_model(copy.deepcopy(model), mesh)
+    egn_fast.EGNPreconditioner(sharded, damping=0.3).step(*mine(rank, world, x, y))
+    out = {"preconditioner": rel_err(gathered([-p.grad for p in sharded.parameters()]), want),
+           "grad_placed": all(p.grad.placements == p.placements for p in sharded.parameters())}
+    xr, yr = mine(rank, world, x, y)
+    row = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    attempts = {
+        "local": lambda: egn_fast.direction(sharded, xr, yr, distributed="local"),
+        "one_sample": lambda: egn_fast.direction(sharded, xr[: 1 + rank], yr[: 1 + rank]),
+        "alone": lambda: egn_fast.build_system(sharded, xr, yr),
+        "shard_dim_1": lambda: egn_fast.EGN(fully_shard(copy.deepcopy(row), mesh=mesh, shard_placement_fn=lambda p: Shard(p.dim() - 1))),
+        "not_fully_shard": lambda: egn_fast.EGN(_tensor_parallel_like(copy.deepcopy(row), mesh)),
+    }
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            out[name] = None
+        except ValueError as err:
+            out[name] = str(err)
+    return out
+
+
+def _tensor_parallel_like(model: nn.Module, mesh) -> nn.Module:
+    """A weight made a DTensor Shard(0) by hand, as tensor parallelism does, with no fully_shard."""
+    layer = model[0]
+    layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+    return model
+
+
+def _optimizer(model: nn.Module) -> egn_fast.EGN:
+    return egn_fast.EGN(model, loss="cross_entropy", lr=1.0, damping=0.5, momentum=0.9, line_search="armijo", adaptive_damping=True)
+
+
+def optimizer_steps(rank: int, world: int, path: str) -> dict:
+    """5 EGN steps (Armijo, adaptive damping, momentum) on a sharded model vs one process; then a
+    DCP save after 3 steps, a fresh sharded model and optimizer loading it, and 2 more steps on
+    both must give the same bits."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = mesh_of(world, False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 48), nn.LayerNorm(48), nn.Tanh(), nn.Linear(48, 3)).double()
+    batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))) for _ in range(5)]
+    single, sharded = copy.deepcopy(model), shard_model(copy.deepcopy(model), mesh)
+    ref, opt = _optimizer(single), _optimizer(sharded)
+    infos = []
+    for k, (xb, yb) in enumerate(batches):
+        want, got = ref.step(xb, yb), opt.step(*mine(rank, world, xb, yb))
+        infos.append((got.accepted == want.accepted, abs(got.loss - want.loss), got.damping == want.damping))
+        if k == 2:
+            msd, osd = get_state_dict(sharded, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    out = dict(err=rel_err(gathered(list(sharded.parameters())), list(single.parameters())), infos=infos,
+               still_sharded=all(isinstance(p, DTensor) for p in sharded.parameters()),
+               buffers_sharded=all(isinstance(s["momentum_buffer"], DTensor) for s in opt.state.values()))
+    dist.barrier()
+    resumed = shard_model(copy.deepcopy(model), mesh)
+    opt2 = _optimizer(resumed)
+    msd, osd = get_state_dict(resumed, opt2)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(resumed, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    replay = shard_model(copy.deepcopy(model), mesh)  # the uninterrupted run, again from the start
+    opt3 = _optimizer(replay)
+    for xb, yb in batches[:3]:
+        opt3.step(*mine(rank, world, xb, yb))
+    for xb, yb in batches[3:]:
+        opt2.step(*mine(rank, world, xb, yb))
+        opt3.step(*mine(rank, world, xb, yb))
+    out["resumed_equal"] = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(resumed.parameters(), replay.parameters()))
+    out["damping_equal"] = opt2.damping == opt3.damping
+    return out

@@ -1,0 +1,51 @@
+"""Sharded parameters (FSDP2 `fully_shard`, HSDP) on real gloo process groups (spawned on the CPU,
+tests/distributed_harness.py) against one process on the concatenated batch (docs/design.md §6)."""
+
+import pytest
+import torch
+
+import fsdp_cases as cases
+from distributed_harness import run_ranks
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+
+KINDS = ["mlp", "seq_linear", "embedding", "norms", "custom_module", "multihead_attention", "shared_across_modules", "conv1d"]
+
+
+def check(results: list[dict], grid: list) -> None:
+    """Every case within 1e-10 of one process, placed like the parameters, the same on every rank."""
+    first = results[0]
+    assert sorted(first) == sorted(grid)
+    assert {case: err for case, (err, _, _) in first.items() if not err < 1e-10} == {}
+    assert all(placed for r in results for _, placed, _ in r.values())
+    for other in results[1:]:
+        assert all(torch.equal(other[case][2], first[case][2]) for case in grid)
+
+
+def test_fsdp_on_2_ranks_every_layer_kind_and_loss_is_exact():
+    grid = [(kind, loss) for kind in KINDS for loss in ("mse", "cross_entropy", "bce")] + [("tiny_gpt", "mse")]
+    check(run_ranks(cases.directions, 2, grid, False, timeout=120), grid)
+
+
+@pytest.mark.parametrize("hsdp", [False, True], ids=["fsdp_4", "hsdp_2x2"])
+def test_4_ranks_fsdp_and_hsdp_are_exact(hsdp):
+    grid = [("mlp", "cross_entropy"), ("norms", "mse"), ("multihead_attention", "bce"), ("embedding", "cross_entropy"), ("tiny_gpt", "mse")]
+    check(run_ranks(cases.directions, 4, grid, hsdp, timeout=120), grid)
+
+
+def test_preconditioner_and_refusals():
+    for r in run_ranks(cases.preconditioner_and_refusals, 2, timeout=60):
+        assert r["preconditioner"] < 1e-10 and r["grad_placed"]
+        assert "with sharded parameters use distributed='exact'" in r["local"]
+        assert "which run over the ranks of the mesh" in r["alone"]
+        assert r["one_sample"].startswith("rank 0 of 2 holds 1 sample: with sharded (FSDP) parameters")
+        assert "parameter '0.weight' is placed as (Shard(dim=1),)" in r["shard_dim_1"]
+        assert "parameter '0.weight' is a DTensor (Shard(dim=0),) that no fully_shard module manages" in r["not_fully_shard"]
+
+
+def test_5_egn_steps_equal_one_process_and_a_dcp_resume_is_bit_identical(tmp_path):
+    for r in run_ranks(cases.optimizer_steps, 2, str(tmp_path / "ckpt"), timeout=120):
+        assert r["err"] < 1e-10, r
+        assert all(same_accept and dloss < 1e-12 and same_damping for same_accept, dloss, same_damping in r["infos"]), r["infos"]
+        assert r["still_sharded"] and r["buffers_sharded"]
+        assert r["resumed_equal"] and r["damping_equal"]
