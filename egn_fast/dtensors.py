@@ -9,8 +9,9 @@ quantity:
 - `full_value(p)`: p's full values, for the rules that re-run a module (torch.func, recurrent,
   embedding bags, parametrizations): an all-gather of that one parameter, for the moment it is
   needed (every rank runs the same rules in the same order, so the collectives match);
-- `local_part(p, x)`: this rank's rows of a full-size tensor x shaped like p, as a DTensor with
-  p's placements — the back-projection keeps only its own shard, one layer at a time.
+- `own_rows(p)`, `as_shard(p, rows)`: the rows of p this rank holds, and a tensor of those rows
+  as a DTensor placed like p — the back-projection computes only its own rows, layer by layer
+  (`Factors.backproject_rows`).
 
 Both are the identity for ordinary tensors. Which shardings egn_fast serves is checked once, by
 egn_fast.distributed.sharded.
@@ -24,7 +25,7 @@ from typing import Iterable, Iterator
 
 from torch import Tensor, nn
 
-__all__ = ["is_dtensor", "full_value", "local_part", "shard_rows", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off"]
+__all__ = ["is_dtensor", "full_value", "own_rows", "as_shard", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off"]
 
 
 def is_dtensor(x: object) -> bool:
@@ -41,31 +42,32 @@ def full_value(x: Tensor) -> Tensor:
     return x.detach().full_tensor() if is_dtensor(x) else x.detach()
 
 
-def shard_rows(p: Tensor) -> tuple[int, int]:
-    """[lo, hi): the rows of dimension 0 of the full p that this rank holds (torch.chunk's split:
-    ceil(n / R) rows per rank, the last ranks fewer or none). Placements are checked beforehand
-    (Shard(0) on one mesh dimension, Replicate() on the others)."""
+def own_rows(p: Tensor) -> slice:
+    """The rows of dimension 0 of the full p that this rank holds: all of them for an ordinary
+    tensor; for a DTensor torch.chunk's split (ceil(n / R) rows per rank, the last ranks fewer or
+    none). Placements are checked beforehand (egn_fast.distributed.sharded: Shard(0) on one mesh
+    dimension, Replicate() on the others)."""
+    if not is_dtensor(p):
+        return slice(None)
     from torch.distributed.tensor import Shard
 
-    n = p.shape[0]
-    lo, hi = 0, n
+    lo, hi = 0, p.shape[0]
     for dim, placement in enumerate(p.placements):
         if isinstance(placement, Shard):
             size, coord = p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim)
             chunk = -(-(hi - lo) // size)
             lo, hi = min(lo + coord * chunk, hi), min(lo + (coord + 1) * chunk, hi)
-    return lo, hi
+    return slice(lo, hi)
 
 
-def local_part(p: Tensor, x: Tensor) -> Tensor:
-    """x (p's full shape) cut to this rank's shard of p, as a DTensor placed like p; x itself when
-    p is not a DTensor."""
+def as_shard(p: Tensor, rows: Tensor) -> Tensor:
+    """`rows` (this rank's rows of a tensor shaped like p, `own_rows(p)`) as a DTensor placed like
+    p; `rows` itself when p is not a DTensor."""
     if not is_dtensor(p):
-        return x
+        return rows
     from torch.distributed.tensor import DTensor
 
-    lo, hi = shard_rows(p)
-    return DTensor.from_local(x[lo:hi].contiguous(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return DTensor.from_local(rows.contiguous(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def reshard_fsdp(model: nn.Module) -> None:

@@ -4,7 +4,7 @@ which shardings egn_fast serves, and which process group the step then runs over
 The exact data-parallel route needs no parameter values (the factors are the layers' inputs and
 output-gradients, full width, per sample), so a sharded model runs through it unchanged: every
 rank forms the global Gram and solve, and keeps only its own shard of the back-projection
-(egn_fast.dtensors.local_part). Served: every DTensor parameter placed by `fully_shard` with
+(`Factors.backproject_rows`, egn_fast.dtensors.own_rows). Served: every DTensor parameter placed by `fully_shard` with
 `Shard(0)` on one mesh dimension and `Replicate()` on any other (FSDP on a 1-D mesh, HSDP on a
 replicate × shard mesh), all on one mesh. Refused, naming the parameter and its placement: any
 other placement (`Shard(1)` from a `shard_placement_fn`, `Partial`, two sharded mesh
@@ -19,7 +19,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from ..dtensors import is_dtensor, shard_rows
+from ..dtensors import is_dtensor, own_rows
 from .data_parallel import check_mode
 
 __all__ = ["resolve_distributed", "check_sharding"]
@@ -76,7 +76,8 @@ def check_sharding(model: nn.Module, sharded: list[tuple[str, nn.Parameter]]) ->
                 f"parameter {name!r} is a DTensor {placements} that no fully_shard module manages (tensor "
                 "parallelism?): egn_fast needs each layer's full-width inputs and output-gradients; shard with fully_shard"
             )
-        lo, hi = shard_rows(p)
+        rows = own_rows(p)
+        lo, hi = rows.start, rows.stop
         local = p.to_local()
         if tuple(local.shape) != (hi - lo, *p.shape[1:]):
             raise ValueError(

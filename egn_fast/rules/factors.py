@@ -48,6 +48,12 @@ class Factors:
         """J̃_lᵀu for u (b, s): one tensor per parameter of `params`, in u's dtype."""
         raise NotImplementedError
 
+    def backproject_rows(self, u: Tensor, backend: Backend, rows: list[slice]) -> list[Tensor]:
+        """Rows rows[q] (of dimension 0) of J̃_lᵀu for each parameter: the shard of a sharded
+        parameter a rank keeps (egn_fast.dtensors). By default the whole back-projection, cut;
+        the built-in types compute only those rows."""
+        return [d[r] for d, r in zip(self.backproject(u, backend), rows)]
+
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         """Rows of J̃_l per parameter: (b, s, *param.shape), in `dtype`."""
         raise NotImplementedError
@@ -156,6 +162,23 @@ class SeqFactors(Factors):
             out.append(concat([db for _, db in parts], 0))
         return out
 
+    def backproject_rows(self, u: Tensor, backend: Backend, rows: list[slice]) -> list[Tensor]:
+        if len(self.groups) != 1:
+            return super().backproject_rows(u, backend, rows)
+        (A, G), kept = self.groups[0], self.rows[0] if self.rows is not None else None
+        out, rs = [], iter(rows)
+        if self.weight is not None:
+            r = next(rs)  # rows of the weight: outputs, or inputs for a transposed (in, out) weight
+            if kept is not None:
+                P = kept[:, :, :, r] if self.transposed else kept[:, :, r]
+                dW = backend.backproject_per_sample(P, u)
+            else:
+                dW = backend.backproject(A[..., r], G, u, False)[0] if self.transposed else backend.backproject(A, G[..., r], u, False)[0]
+            out.append(dW.T if self.transposed else dW.view(-1, *self.weight.shape[1:]))
+        if self.bias is not None:
+            out.append(backend.backproject_per_sample(self.bias_rows()[0][:, :, next(rs)], u))
+        return out
+
     def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
         vs = iter(v)
         dW = next(vs) if self.weight is not None else None
@@ -220,6 +243,15 @@ class EmbeddingFactors(Factors):
             return [backend.backproject_per_sample(self.rows, u)]
         return [backend.backproject_embedding(self.tokens, self.G, u, self.weight.shape[0])]
 
+    def backproject_rows(self, u: Tensor, backend: Backend, rows: list[slice]) -> list[Tensor]:
+        if self.rows is not None:
+            return [backend.backproject_per_sample(self.rows[:, :, rows[0]], u)]
+        lo, hi, _ = rows[0].indices(self.weight.shape[0])
+        # tokens outside this rank's rows of the table add nothing to them
+        inside = (self.tokens >= lo) & (self.tokens < hi)
+        G = self.G * inside[:, None, :, None].to(self.G.dtype)
+        return [backend.backproject_embedding(torch.where(inside, self.tokens - lo, 0), G, u, hi - lo)]
+
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [backend.per_sample_embedding(self.tokens, self.G, self.weight.shape[0], dtype)]
 
@@ -242,6 +274,9 @@ class PerSampleFactors(Factors):
 
     def backproject(self, u: Tensor, backend: Backend) -> list[Tensor]:
         return [backend.backproject_per_sample(P, u) for P in self.P]
+
+    def backproject_rows(self, u: Tensor, backend: Backend, rows: list[slice]) -> list[Tensor]:
+        return [backend.backproject_per_sample(P[:, :, r], u) for P, r in zip(self.P, rows)]
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [P.to(dtype) for P in self.P]

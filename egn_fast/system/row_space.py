@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..capture import Closure
 from ..checks import check_damping
 from ..clock import StageClock
-from ..dtensors import full_value, local_part
+from ..dtensors import as_shard, full_value, own_rows
 from ..losses import LossHead
 from ..ops import Backend
 from ..rules import Factors
@@ -108,13 +108,16 @@ class RowSpaceSystem:
 
     def backproject(self, gamma: Tensor) -> list[Tensor]:
         """d = −J̃ᵀγ, one tensor per trainable parameter (shape, dtype and device of the parameter;
-        a sharded parameter's as a DTensor placed like it, cut to this rank's shard layer by layer,
-        egn_fast.dtensors)."""
+        a sharded parameter's as a DTensor placed like it: each layer computes only this rank's rows,
+        `Factors.backproject_rows`)."""
         u = -gamma.view(self.b, self.s)
         out: dict[int, Tensor] = {}
         for f in self.factors:
-            for p, d in zip(f.params, f.backproject(u, self.backend)):
-                out[id(p)] = local_part(p, d.to(p.dtype))
+            rows = [own_rows(p) for p in f.params]
+            whole = all(r == slice(None) for r in rows)
+            parts = f.backproject(u, self.backend) if whole else f.backproject_rows(u, self.backend, rows)
+            for p, d in zip(f.params, parts):
+                out[id(p)] = as_shard(p, d.to(p.dtype))
         return [out[id(p)] if id(p) in out else torch.zeros_like(p) for p in self.params]
 
     def project(self, v: list[Tensor]) -> Tensor:
