@@ -7,6 +7,7 @@ batch, "local" the mean of the per-rank directions.
 | data_parallel.py  | `DataParallel` (error sync, row all-gather, the two modes), `DataParallelSystem` |
 | sendable.py       | which form of a layer's rows travels (factors or per-sample rows), byte counts  |
 | shard.py          | `ShardedRows`: per-sample rows sharded by column across ranks, `shard_pays`     |
+| global_batch.py   | a rank's `BatchShare` of the global batch, the generator check, local refusals  |
 """
 
 from .data_parallel import MODES, DataParallel, DataParallelSystem, check_mode, parameter_checksum, unwrap
