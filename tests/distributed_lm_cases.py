@@ -70,7 +70,7 @@ def flat(tensors: list[Tensor]) -> Tensor:
 
 
 def lm_optimizer(model: nn.Module, group) -> egn_fast.EGN:
-    return egn_fast.EGN(model, loss="cross_entropy", curvature="mc", mc_samples=2, metric="adam", damping=0.5, momentum=0.9,
+    return egn_fast.EGN(model, loss="cross_entropy", curvature="mc", mc_samples=2, metric="adam", damping=20.0, momentum=0.9,
                         line_search="armijo", adaptive_damping=True, process_group=group)
 
 

@@ -65,7 +65,7 @@ def check_ranks(results: list[dict], world: int) -> None:
         assert rel_err([res["params"]], [want_params]) < 1e-10, rel_err([res["params"]], [want_params])
         for (loss, accepted, damping), (want_loss, want_accepted, want_damping) in zip(res["steps"], want_steps, strict=True):
             assert abs(loss - want_loss) < 1e-12 * want_loss and accepted == want_accepted and damping == want_damping
-    assert any(accepted for _, accepted, _ in want_steps)
+    assert sum(accepted for _, accepted, _ in want_steps) >= 4  # the metric and momentum carry over accepted steps
 
     for res in results:  # a rank failing before the mid-build sync: every rank raises, naming it
         raised = res["raised"]

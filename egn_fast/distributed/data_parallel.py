@@ -15,17 +15,17 @@ differ in size, b = Σ_r b_r, m = b·s rows) and a replica of the parameters.
 Every local stage ends in `sync`: an all_gather of (failed, *metadata) from every rank, so an error
 on one rank is raised on every rank, naming it, before anyone enters the next collective. In exact
 mode one more sync runs inside `build_system`, after the capture and before the loss head
-(`batch_share`): it gives every rank its `BatchShare` of the global batch — the offset of its
-first sample, the global b and the global count of counted tokens — so the per-token loss is the
-mean over every rank's tokens and Monte-Carlo draws are the global batch's (egn_fast.losses.share);
-a Monte-Carlo system's gradient is then the all-reduced sum of the ranks' parts (`global_gradient`).
+(`batch_share`): it gives every rank its `BatchShare` (offset, global b, global counted tokens),
+so the per-token loss is the mean over every rank's tokens and Monte-Carlo draws are the global
+batch's (egn_fast.distributed.global_batch); their gradient is all-reduced (`global_gradient`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,20 +33,17 @@ from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, forward_of
 from ..errors import NonFiniteError, SolveError
-from ..losses import BatchShare, Loss, LossHead
-from ..rules import Factors, PerSampleFactors
+from ..losses import BatchShare, Loss
+from ..rules import PerSampleFactors
 from ..system.build import build_system
 from ..system.jvp import row_jvp
-from ..system.row_space import RowSpaceSystem, Solution, WoodburySystem, project
-from ..system.solve import dot
-from .global_batch import generator_checksum, head_tensors, local_refusals, share_from
-from .sendable import rebuilt, sendable, tensors_of
+from ..system.row_space import RowSpaceSystem, Solution
+from .global_batch import generator_checksum, global_system, head_tensors, local_refusals, share_from
+from .sendable import rebuilt_layers, sendable, tensors_of
 from .shard import ShardedRows, shard_pays
 
-__all__ = [
-    "MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "parameter_checksum", "on_every_rank",
-    "raised_on_every_rank",
-]
+__all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "parameter_checksum", "on_every_rank",
+           "raised_on_every_rank"]
 
 MODES = ("exact", "local")
 _META = 3  # ints each rank adds to a sync (zero-padded): every sync gathers the same shape
@@ -130,11 +127,13 @@ class DataParallel:
         """Rank 0's value of an int (a seed), on every rank."""
         return int(self.sync(None, [value])[0, 1])
 
-    def batch_share(self, b: int, tokens: int, draws: int = 0) -> BatchShare:
-        """The mid-build sync of exact mode (`build_system`'s batch_share): (b_r, counted tokens, a
-        checksum of the generator state the draws use, 0 without draws) from every rank → this
-        rank's BatchShare. Raises on every rank if a rank failed before it, or if the generator
-        states differ (the draws of the global batch must be the same numbers on every rank)."""
+    def batch_share(self, curvature: str, generator: torch.Generator | None, b: int, tokens: int) -> BatchShare:
+        """The mid-build sync of exact mode (`build_system`'s batch_share, curvature and generator
+        bound): (b_r, counted tokens, for "mc" a checksum of the state the draws will use, taken
+        now: the forward may have drawn too) from every rank → this rank's BatchShare. Raises on
+        every rank if a rank failed before it, or if the generator states differ (the draws of the
+        global batch must be the same numbers on every rank)."""
+        draws = generator_checksum(generator, self.device) if curvature == "mc" else 0
         table = self.sync(None, [b, tokens, draws])
         differ = (table[:, 3] != table[0, 3]).nonzero().flatten().tolist()
         if differ:
@@ -210,23 +209,25 @@ class DataParallel:
         curvature = options.get("curvature", "exact")
         error: BaseException | None = None
         local: RowSpaceSystem | None = None
+        head: list[Tensor] = []  # exact: the loss head's tensors to gather (head_tensors)
         tensors: list[Tensor] = []
         signature = 0
         try:
             if self.exact:
-                share = self._share_for(curvature, options.get("generator"))
+                share = functools.partial(self.batch_share, curvature, options.get("generator"))
                 local = build_system(model, closure=forward, gram=False, batch_share=share, **options)
             else:
                 local = build_system(model, closure=local_refusals(forward, curvature), gram=gram, **options)
             tensors = [local.head.per_sample.detach()]
             if self.exact:
                 local.factors = [sendable(f, local.backend, local.w.dtype) for f in local.factors]
-                tensors = head_tensors(local) + [t for f in local.factors for t in tensors_of(f)]
+                head = head_tensors(local)
+                tensors = head + [t for f in local.factors for t in tensors_of(f)]
                 if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
                     raise NonFiniteError("non-finite layer factors (an input or output-gradient is nan/inf)")
                 # the shapes past the batch dimension must agree across ranks (model, sequence lengths)
                 layout = [(type(f).__name__, str(t.dtype), tuple(t.shape[1:])) for f in local.factors for t in tensors_of(f)]
-                signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in head_tensors(local)], layout)).encode())
+                signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in head], layout)).encode())
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by sync
             if raised_on_every_rank(err):  # a sync inside build_system already reported it everywhere
                 raise
@@ -242,64 +243,17 @@ class DataParallel:
             if not gram or not shard_pays(sum(p.numel() for f in rows for p in f.params), sum(sizes) * local.s, self.world):
                 rows = []
             kept = [f for f in local.factors if not any(f is g for g in rows)]
-            n_head = len(head_tensors(local))
+            n_head = len(head)
             with local.clock("communicate"):
-                gathered = self.gather_rows(tensors[:n_head] + [t for f in kept for t in tensors_of(f)], sizes)
+                gathered = self.gather_rows(head + [t for f in kept for t in tensors_of(f)], sizes)
                 sharded = [ShardedRows(self.group, rows, sizes, local.s, local.w.dtype)] if rows else []
             local.factors = []  # the local rows are inside the gathered and sharded ones
-            system = self._global_system(local, gathered[:n_head], kept, sharded, gathered[n_head:], sum(sizes), gram)
+            factors = rebuilt_layers(kept, gathered[n_head:]) + sharded
+            system = global_system(local, gathered[:n_head], factors, sum(sizes), gram, self.global_gradient)
             return DataParallelSystem(self, local, system, gathered[0])
         with local.clock("communicate"):
             (per_sample,) = self.gather_rows(tensors, sizes)
         return DataParallelSystem(self, local, None, per_sample)
-
-    def _share_for(self, curvature: str, generator: torch.Generator | None) -> Callable[[int, int], BatchShare]:
-        """`build_system`'s batch_share: the mid-build sync, with the checksum of the state the
-        draws will use (taken then, after the forward, which may have drawn too)."""
-
-        def share(b: int, tokens: int) -> BatchShare:
-            return self.batch_share(b, tokens, generator_checksum(generator, self.device) if curvature == "mc" else 0)
-
-        return share
-
-    def _global_system(
-        self, local: RowSpaceSystem, head: list[Tensor], kept: list[Factors], sharded: list[Factors], rest: list[Tensor],
-        b: int, gram: bool,
-    ) -> RowSpaceSystem:
-        """The system of the concatenated batch: the gathered head (`_head_tensors`), the `kept`
-        layers rebuilt from their gathered tensors, the sharded rows, and for Monte-Carlo rows the
-        global gradient and z = J̃g from the global factors (the Woodbury step)."""
-        per_sample, r, S, *extra = head
-        w = extra.pop(0) if local.head.w is not None else None
-        samples = extra[0].transpose(0, 1) if extra else None
-        factors = []
-        for f in kept:
-            n = len(tensors_of(f))
-            factors.append(rebuilt(f, rest[:n]))
-            rest = rest[n:]
-        factors += sharded
-        dtype, m = local.w.dtype, b * local.s
-        K = None
-        if gram:
-            K = torch.zeros(m, m, dtype=dtype, device=self.device)
-            with local.clock("gram"):
-                for f in factors:
-                    f.add_gram(K, local.backend)
-            if not torch.isfinite(K.diagonal().sum()):  # the same K on every rank: raised on every rank
-                raise NonFiniteError("the global Gram has non-finite entries (overflow)")
-        parts = (local.params, K)
-        if w is not None:
-            return RowSpaceSystem(*parts, w.reshape(-1).to(dtype), b, local.s, LossHead(per_sample, r, S, w), factors, local.backend, local.clock)
-        assert isinstance(local, WoodburySystem) and local.grad is not None
-        with local.clock("communicate"):
-            grad = self.global_gradient(local.grad)
-        z = torch.zeros(m, dtype=dtype, device=self.device)  # gram=False: no solve here, so no J̃g
-        if gram:
-            with local.clock("project"):
-                z = project(factors, local.params, grad, local.backend, dtype, (b, local.s)).reshape(-1)
-        return WoodburySystem(
-            *parts, z, b, local.s, LossHead(per_sample, r, S, None), factors, local.backend, local.clock, samples, grad, dot(grad, grad)
-        )
 
     def loss_at(self, loss_fn: Loss, forward: Closure) -> float:
         """The global batch loss (1/b) Σ_i ℓ_i at the current parameters (same value on every rank;

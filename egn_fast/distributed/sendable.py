@@ -11,7 +11,7 @@ from torch import Tensor
 from ..ops import Backend
 from ..rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
 
-__all__ = ["sendable", "factor_bytes", "row_bytes", "tensors_of", "rebuilt"]
+__all__ = ["sendable", "factor_bytes", "row_bytes", "tensors_of", "rebuilt", "rebuilt_layers"]
 
 
 def tensors_of(f: Factors) -> list[Tensor]:
@@ -31,6 +31,16 @@ def rebuilt(f: Factors, tensors: list[Tensor]) -> Factors:
     if isinstance(f, EmbeddingFactors):
         return EmbeddingFactors(f.weight, tensors[0], tensors[1])
     return PerSampleFactors(f.params, tensors)
+
+
+def rebuilt_layers(layers: list[Factors], tensors: list[Tensor]) -> list[Factors]:
+    """`rebuilt` for each layer in turn, over consecutive runs of `tensors` (their `tensors_of`)."""
+    out = []
+    for f in layers:
+        n = len(tensors_of(f))
+        out.append(rebuilt(f, tensors[:n]))
+        tensors = tensors[n:]
+    return out
 
 
 def factor_bytes(f: Factors) -> int:
