@@ -19,7 +19,9 @@ import egn_fast
 from egn_fast import resolve_loss
 from distributed_cases import problem
 from oracle import dense_direction, rel_err
-from token_models import TinyGPT, randomize
+import hf_tiny
+from hf_tiny import gpt2
+from token_models import TinyGPT, causal_lm_logits, randomize
 
 # unequal shards of a global batch of 10 (a rank with one sample is refused under sharding)
 SIZES = {2: [4, 6], 4: [2, 2, 3, 3]}
@@ -62,6 +64,22 @@ def lm_problem(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
     return model, ids, torch.randn(10, 6, 5, generator=g, dtype=torch.float64)
 
 
+def gpt2_problem(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """A Hugging Face GPT-2 from a config (transformers' Conv1D layers, its attention, tied
+    embedding and head) as a logits model, squared-error targets on the logits."""
+    model = causal_lm_logits(gpt2(seed), seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(hf_tiny.V, (10, hf_tiny.T), generator=g)
+    return model, ids, torch.randn(10, hf_tiny.T, hf_tiny.V, generator=g, dtype=torch.float64)
+
+
+def shard_gpt2(model: nn.Module, mesh) -> nn.Module:
+    """fully_shard per transformer block, then the root (embeddings, final norm, tied head)."""
+    for block in model.lm.transformer.h:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
 def directions(rank: int, world: int, cases: list[tuple[str, str]], hsdp: bool) -> dict:
     """Per case: the sharded direction's error against one process on the whole batch (and, for
     one case, the dense oracle), whether it is placed like the parameters, and the full direction."""
@@ -69,9 +87,10 @@ def directions(rank: int, world: int, cases: list[tuple[str, str]], hsdp: bool) 
     out = {}
     for kind, loss in cases:
         seed = zlib.crc32(repr((kind, loss)).encode()) % 10_000
-        model, x, y = lm_problem(seed) if kind == "tiny_gpt" else problem(kind, loss, seed)
+        make = {"tiny_gpt": lm_problem, "gpt2": gpt2_problem}.get(kind, lambda seed: problem(kind, loss, seed))
+        model, x, y = make(seed)
         want = egn_fast.direction(model, x, y, loss=loss, damping=0.1)
-        sharded = shard_model(copy.deepcopy(model), mesh)
+        sharded = (shard_gpt2 if kind == "gpt2" else shard_model)(copy.deepcopy(model), mesh)
         got = egn_fast.direction(sharded, *mine(rank, world, x, y), loss=loss, damping=0.1)
         placed = all(isinstance(d, DTensor) and d.placements == p.placements and d.to_local().shape == p.to_local().shape
                      for d, p in zip(got, sharded.parameters()))

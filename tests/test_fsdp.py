@@ -23,7 +23,7 @@ def check(results: list[dict], grid: list) -> None:
 
 
 def test_fsdp_on_2_ranks_every_layer_kind_and_loss_is_exact():
-    grid = [(kind, loss) for kind in KINDS for loss in ("mse", "cross_entropy", "bce")] + [("tiny_gpt", "mse")]
+    grid = [(kind, loss) for kind in KINDS for loss in ("mse", "cross_entropy", "bce")] + [("tiny_gpt", "mse"), ("gpt2", "mse")]
     check(run_ranks(cases.directions, 2, grid, False, timeout=120), grid)
 
 

@@ -73,11 +73,15 @@ def test_bf16_autocast_matches_fp32():
     ids, y = token_data(3, 6, V, 7)
     for curvature in ("exact", "mc"):
         run = lambda: egn_fast.direction_with_info(model, ids, y, loss="cross_entropy", damping=0.5, curvature=curvature,
-                                                   generator=torch.Generator().manual_seed(0))
+                                                   generator=torch.Generator().manual_seed(1))
         fp32 = run()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(ids).dtype == torch.bfloat16  # autocast does reach the model
             bf16 = run()
+        if curvature == "mc":
+            # labels come by inverse CDF from the same uniforms; bf16 moves the CDF by ~1e-2, which may
+            # flip a label whose uniform lies that close to a boundary (seed 0 does): these draw the same
+            assert torch.equal(bf16.samples, fp32.samples)
         err = rel_err(bf16.direction, fp32.direction)
         assert 1e-5 < err < 5e-2, (curvature, err)  # bf16 did change the numbers, within its precision
         assert all(d.dtype == torch.float32 for d in bf16.direction)

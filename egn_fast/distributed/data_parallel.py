@@ -13,11 +13,16 @@ differ in size, b = Σ_r b_r, m = b·s rows) and a replica of the parameters.
   directions (one all-reduce, like DDP's gradient). An approximation of the exact direction.
 
 Every local stage ends in `sync`: an all_gather of (failed, *metadata) from every rank, so an error
-on one rank is raised on every rank, naming it, before anyone enters the next collective.
+on one rank is raised on every rank, naming it, before anyone enters the next collective. In exact
+mode one more sync runs inside `build_system`, after the capture and before the loss head
+(`batch_share`): it gives every rank its `BatchShare` (offset, global b, global counted tokens),
+so the per-token loss is the mean over every rank's tokens and Monte-Carlo draws are the global
+batch's (egn_fast.distributed.global_batch); their gradient is all-reduced (`global_gradient`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any
@@ -29,39 +34,39 @@ from torch import Tensor, nn
 from ..capture import Closure, Inputs, forward_of
 from ..dtensors import is_dtensor
 from ..errors import NonFiniteError, SolveError
-from ..losses import Loss, LossHead
-from ..rules import Factors, PerSampleFactors
+from ..losses import BatchShare, Loss
+from ..rules import PerSampleFactors
 from ..system.build import build_system
 from ..system.jvp import row_jvp
 from ..system.row_space import RowSpaceSystem, Solution
-from .sendable import rebuilt, sendable, tensors_of
+from .global_batch import generator_checksum, global_system, head_tensors, local_refusals, share_from
+from .sendable import rebuilt_layers, sendable, tensors_of
 from .shard import ShardedRows, shard_pays
+from .sharded import check_sharded_batch
 
-__all__ = ["MODES", "DataParallel", "DataParallelSystem", "check_mode", "unwrap", "parameter_checksum"]
+__all__ = ["DataParallel", "DataParallelSystem", "unwrap", "parameter_checksum", "on_every_rank",
+           "raised_on_every_rank"]
 
-MODES = ("exact", "local")
+_META = 3  # ints each rank adds to a sync (zero-padded): every sync gathers the same shape
 # Errors re-raised on every rank as the class the failing rank raised; any other as RuntimeError.
 _ERROR_CLASSES = {c.__name__: c for c in (NonFiniteError, SolveError, ValueError, TypeError, RuntimeError)}
-
-
-def check_mode(process_group: Any, distributed: str | None) -> str | None:
-    """The data-parallel mode: None without a process group, else `distributed` ("exact" by default)."""
-    if process_group is None:
-        if distributed is not None:
-            raise ValueError(f"distributed={distributed!r} needs a process_group")
-        return None
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("process_group given but torch.distributed is not initialized (dist.init_process_group)")
-    mode = "exact" if distributed is None else distributed
-    if mode not in MODES:
-        raise ValueError(f"unknown distributed mode {distributed!r}; expected 'exact' or 'local'")
-    return mode
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel: EGN does its own communication, so DDP's forward
     (buffer broadcast, gradient-reduction bookkeeping) is bypassed; the parameters are the same."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def on_every_rank(error: Exception) -> Exception:
+    """Mark an error that every rank raises at the same point (a sync's report, or a decision on a
+    gathered table): a surrounding try/except passes it on instead of reporting it in one more sync."""
+    error.on_every_rank = True  # type: ignore[attr-defined]
+    return error
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    return getattr(error, "on_every_rank", False)
 
 
 def parameter_checksum(params: list[nn.Parameter]) -> int:
@@ -84,9 +89,13 @@ class DataParallel:
         return self.mode == "exact"
 
     def sync(self, error: BaseException | None, meta: list[int] | None = None) -> Tensor:
-        """All-gather (failed, *meta) from every rank → (R, 1 + len(meta)) int64 on the CPU. If any
-        rank failed, raise on every rank: the first failing rank's error class and message, named."""
-        local = torch.tensor([error is not None, *(meta or [])], dtype=torch.int64, device=self.device)
+        """All-gather (failed, *meta) from every rank → (R, 1 + _META) int64 on the CPU (meta: at
+        most _META ints, zero-padded). If any rank failed, raise on every rank: the first failing
+        rank's error class and message, named, marked `on_every_rank`. Every sync gathers the same
+        shape, so a rank that failed before a sync its peers entered (the mid-build `batch_share`)
+        meets them at its next sync, whichever that is, and every rank raises there."""
+        meta = list(meta or [])
+        local = torch.tensor([error is not None, *meta, *[0] * (_META - len(meta))], dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local, group=self.group)
         table = torch.stack(parts).cpu()
@@ -97,8 +106,30 @@ class DataParallel:
             dist.all_gather_object(reports, mine, group=self.group)
             name, message = reports[failed[0]]
             others = f" (ranks {failed} failed)" if len(failed) > 1 else ""
-            raise _ERROR_CLASSES.get(name, RuntimeError)(f"rank {failed[0]} of {self.world}: {message}{others}") from error
+            report = _ERROR_CLASSES.get(name, RuntimeError)(f"rank {failed[0]} of {self.world}: {message}{others}")
+            raise on_every_rank(report) from error
         return table
+
+    def from_rank0(self, value: int) -> int:
+        """Rank 0's value of an int (a seed), on every rank."""
+        return int(self.sync(None, [value])[0, 1])
+
+    def batch_share(self, curvature: str, generator: torch.Generator | None, b: int, tokens: int) -> BatchShare:
+        """The mid-build sync of exact mode (`build_system`'s batch_share, curvature and generator
+        bound): (b_r, counted tokens, for "mc" a checksum of the state the draws will use, taken
+        now: the forward may have drawn too) from every rank → this rank's BatchShare. Raises on
+        every rank if a rank failed before it, or if the generator states differ (the draws of the
+        global batch must be the same numbers on every rank)."""
+        draws = generator_checksum(generator, self.device) if curvature == "mc" else 0
+        table = self.sync(None, [b, tokens, draws])
+        differ = (table[:, 3] != table[0, 3]).nonzero().flatten().tolist()
+        if differ:
+            raise on_every_rank(ValueError(
+                f"curvature='mc': the generator state of rank(s) {differ} differs from rank 0's; every rank draws the "
+                "global batch's labels and keeps its own, so seed the generator (torch's RNG when generator=None) "
+                "identically on every rank"
+            ))
+        return share_from(table, self.rank)
 
     def check_replicated(self, params: list[nn.Parameter]) -> None:
         """Raise on every rank unless every rank's parameters are bit-identical to rank 0's (the
@@ -130,12 +161,20 @@ class DataParallel:
                 out[i] = piece.reshape(b, *tensors[i].shape[1:])
         return out  # type: ignore[return-value]
 
-    def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The mean over ranks of each tensor (one all-reduce of them packed in one buffer)."""
+    def all_reduce_sum(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The sum over ranks of each tensor (one all-reduce of them packed in one buffer)."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat, group=self.group)
-        flat /= self.world
         return [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean over ranks of each tensor."""
+        return [x / self.world for x in self.all_reduce_sum(tensors)]
+
+    def global_gradient(self, local: list[Tensor]) -> list[Tensor]:
+        """g = (1/b) Σ_i J_iᵀ r_i of the global batch from each rank's part (1/b) Σ_{i ∈ rank} J_iᵀ r_i
+        (shaped like the parameters, replicated): their sum, the same on every rank."""
+        return self.all_reduce_sum(local)
 
     def build_system(
         self,
@@ -144,35 +183,44 @@ class DataParallel:
         targets: Tensor | None = None,
         *,
         closure: Closure | None = None,
+        gram: bool = True,
         **options: Any,
     ) -> DataParallelSystem:
         """`egn_fast.build_system` on this rank's shard, then the cross-rank stage of the mode.
 
-        options: those of `build_system` (params, loss, backend, seq_method, timings).
+        options: those of `build_system` (params, loss, backend, seq_method, timings, curvature,
+        mc_samples, generator). gram=False: no global Gram (exact mode: K None, every layer
+        gathered; a metric forms its own Gram from per-sample rows).
         """
         model = unwrap(model)
         if any(is_dtensor(p) for p in model.parameters()):
-            self._check_sharded_batch(targets)
+            check_sharded_batch(self, targets)
         forward = forward_of(model, inputs, targets, closure)
+        curvature = options.get("curvature", "exact")
         error: BaseException | None = None
         local: RowSpaceSystem | None = None
+        head: list[Tensor] = []  # exact: the loss head's tensors to gather (head_tensors)
         tensors: list[Tensor] = []
         signature = 0
         try:
-            if options.get("curvature", "exact") != "exact":
-                raise ValueError(f"curvature={options['curvature']!r} with a process_group is not supported yet; use curvature='exact'")
-            local = build_system(model, closure=_refusing_token_targets(forward), gram=not self.exact, part_of_group=True, **options)
-            head = local.head
-            tensors = [head.per_sample.detach()]
+            if self.exact:
+                share = functools.partial(self.batch_share, curvature, options.get("generator"))
+                local = build_system(model, closure=forward, gram=False, batch_share=share, **options)
+            else:
+                local = build_system(model, closure=local_refusals(forward, curvature), gram=gram, **options)
+            tensors = [local.head.per_sample.detach()]
             if self.exact:
                 local.factors = [sendable(f, local.backend, local.w.dtype) for f in local.factors]
-                tensors += [head.r, head.S, head.w] + [t for f in local.factors for t in tensors_of(f)]
+                head = head_tensors(local)
+                tensors = head + [t for f in local.factors for t in tensors_of(f)]
                 if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
                     raise NonFiniteError("non-finite layer factors (an input or output-gradient is nan/inf)")
                 # the shapes past the batch dimension must agree across ranks (model, sequence lengths)
                 layout = [(type(f).__name__, str(t.dtype), tuple(t.shape[1:])) for f in local.factors for t in tensors_of(f)]
-                signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in tensors[:4]], layout)).encode())
+                signature = zlib.crc32(repr(([tuple(t.shape[1:]) for t in head], layout)).encode())
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by sync
+            if raised_on_every_rank(err):  # a sync inside build_system already reported it everywhere
+                raise
             error = err
         table = self.sync(error, [local.b if local is not None else 0, signature])
         assert local is not None
@@ -182,92 +230,55 @@ class DataParallel:
         if self.exact:
             # layers whose rows travel as per-sample gradients are sharded by column where that moves fewer bytes
             rows = [f for f in local.factors if isinstance(f, PerSampleFactors)]
-            if not shard_pays(sum(p.numel() for f in rows for p in f.params), sum(sizes) * local.s, self.world):
+            if not gram or not shard_pays(sum(p.numel() for f in rows for p in f.params), sum(sizes) * local.s, self.world):
                 rows = []
             kept = [f for f in local.factors if not any(f is g for g in rows)]
+            n_head = len(head)
             with local.clock("communicate"):
-                gathered = self.gather_rows(tensors[:4] + [t for f in kept for t in tensors_of(f)], sizes)
+                gathered = self.gather_rows(head + [t for f in kept for t in tensors_of(f)], sizes)
                 sharded = [ShardedRows(self.group, rows, sizes, local.s, local.w.dtype)] if rows else []
             local.factors = []  # the local rows are inside the gathered and sharded ones
-            system = self._global_system(local, kept, sharded, gathered, sum(sizes))
+            factors = rebuilt_layers(kept, gathered[n_head:]) + sharded
+            system = global_system(local, gathered[:n_head], factors, sum(sizes), gram, self.global_gradient)
             return DataParallelSystem(self, local, system, gathered[0])
         with local.clock("communicate"):
             (per_sample,) = self.gather_rows(tensors, sizes)
         return DataParallelSystem(self, local, None, per_sample)
 
-    def _check_sharded_batch(self, targets: Tensor | None) -> None:
-        """Refuse, on every rank, a step where some rank holds one sample while the parameters are
-        sharded. FSDP all-gathers inside the capture's forward and backward passes, so those
-        passes must be the same on every rank; with one sample the capture cannot tell an output
-        broadcast over the batch from a batch of one, and may take one pass fewer than the other
-        ranks (docs/design.md §6). Checked when the targets are given (their batch size)."""
-        b_r = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else -1
-        sizes = self.sync(None, [b_r])[:, 1].tolist()
-        if 1 in sizes:
-            raise ValueError(
-                f"rank {sizes.index(1)} of {self.world} holds 1 sample: with sharded (FSDP) parameters every rank needs "
-                "at least 2 samples per step (the capture's passes must match across ranks)"
-            )
-
-    def _global_system(
-        self, local: RowSpaceSystem, kept: list[Factors], sharded: list[Factors], gathered: list[Tensor], b: int
-    ) -> RowSpaceSystem:
-        """The system of the concatenated batch: the gathered head, the `kept` layers rebuilt from
-        their gathered tensors, and the sharded rows."""
-        per_sample, r, S, w = gathered[:4]
-        factors, rest = [], gathered[4:]
-        for f in kept:
-            n = len(tensors_of(f))
-            factors.append(rebuilt(f, rest[:n]))
-            rest = rest[n:]
-        factors += sharded
-        K = torch.zeros(b * local.s, b * local.s, dtype=local.w.dtype, device=self.device)
-        with local.clock("gram"):
-            for f in factors:
-                f.add_gram(K, local.backend)
-        if not torch.isfinite(K.diagonal().sum()):  # the same K on every rank: raised on every rank
-            raise NonFiniteError("the global Gram has non-finite entries (overflow)")
-        head = LossHead(per_sample, r, S, w)
-        return RowSpaceSystem(local.params, K, w.reshape(-1).to(K.dtype), b, local.s, head, factors, local.backend, local.clock)
-
     def loss_at(self, loss_fn: Loss, forward: Closure) -> float:
-        """The global batch loss (1/b) Σ_i ℓ_i at the current parameters (same value on every rank)."""
-        error, per_sample = None, torch.zeros(0, device=self.device)
+        """The global batch loss (1/b) Σ_i ℓ_i at the current parameters (same value on every rank;
+        per token: the mean over every rank's counted tokens)."""
+        error, f, targets, tokens = None, torch.zeros(0, 1, device=self.device), None, 0
         try:
             out, targets = forward()
             f = out.reshape(out.shape[0], -1)
-            per_sample = loss_fn.per_sample(f, loss_fn.check_targets(f, targets)).detach()
+            targets = loss_fn.check_targets(f, targets)
+            tokens = loss_fn.count_tokens(targets)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by sync
             error = err
-        sizes = self.sync(error, [per_sample.shape[0]])[:, 1].tolist()
-        return float(self.gather_rows([per_sample], sizes)[0].mean())
-
-
-def _refusing_token_targets(forward: Closure) -> Closure:
-    """forward, refusing per-token targets (b, T): each rank's loss would be a mean over its own
-    tokens, and the ranks' token counts differ, so the global token mean is not their combination."""
-
-    def checked() -> tuple[Tensor, Tensor]:
-        out, targets = forward()
-        if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.dim() >= 2 and out.dim() >= 3:
-            raise ValueError("per-token targets (b, T) with a process_group are not supported yet")
-        return out, targets
-
-    return checked
+        table = self.sync(error, [f.shape[0], tokens])
+        per_sample = loss_fn.with_share(share_from(table, self.rank)).per_sample(f, targets).detach()
+        return float(self.gather_rows([per_sample], table[:, 1].tolist())[0].mean())
 
 
 class DataParallelSystem:
     """The row-space system of the global batch, as the optimizers use it.
 
     local: this rank's system (b_r rows); glob: the gathered global system (exact mode, else None);
-    per_sample (b,): the global batch's per-sample losses. `loss`, `solve_and_backproject`,
-    `gradient` and `curvature` are global and equal on every rank.
+    per_sample (b,): the global batch's per-sample losses; samples: the global batch's drawn
+    targets (k, b, …) for Monte-Carlo rows, else None; scale: D^{-1/2} under a diagonal metric
+    (`with_metric`), else None. `loss`, `solve_and_backproject`, `gradient` and `curvature` are
+    global and equal on every rank.
     """
 
-    def __init__(self, dp: DataParallel, local: RowSpaceSystem, glob: RowSpaceSystem | None, per_sample: Tensor):
-        self.dp, self.local, self.glob, self.per_sample = dp, local, glob, per_sample
-        self.params, self.b = local.params, per_sample.shape[0]
+    def __init__(
+        self, dp: DataParallel, local: RowSpaceSystem, glob: RowSpaceSystem | None, per_sample: Tensor,
+        scale: list[Tensor] | None = None,
+    ):
+        self.dp, self.local, self.glob, self.per_sample, self.scale = dp, local, glob, per_sample, scale
+        self.params, self.b, self.clock = local.params, per_sample.shape[0], local.clock
         self.w = local.w if glob is None else glob.w  # m = w.shape[0]: rows of the system solved here
+        self.samples = None if glob is None else glob.samples
 
     @property
     def loss(self) -> float:
@@ -276,6 +287,13 @@ class DataParallelSystem:
     @property
     def timings(self) -> dict[str, float]:
         return self.local.timings
+
+    def with_metric(self, scale: list[Tensor]) -> DataParallelSystem:
+        """The global system in the variables w' = D^{1/2}w (egn_fast.system.metric), exact mode:
+        every rank rescales the same gathered rows and global gradient."""
+        if self.glob is None:
+            raise ValueError("a metric with distributed='local' is not supported: use distributed='exact'")
+        return DataParallelSystem(self.dp, self.local, self.glob.with_metric(scale), self.per_sample, scale)
 
     def solve_and_backproject(self, damping: float, solve_dtype: torch.dtype | None = None) -> tuple[Solution, list[Tensor]]:
         """exact: the global solve on every rank. local: each rank's solve, directions averaged
@@ -305,14 +323,18 @@ class DataParallelSystem:
         return [x * (self.dp.world / self.b) for x in self.dp.all_reduce_mean(weighted)]
 
     def curvature(self, forward: Closure, steps: list[Tensor]) -> float:
-        """sᵀHs = (1/b) Σ_r ‖J̃_r s‖² (forward: this rank's closure; steps like `params`): from the
-        global factors in exact mode, else (local mode, a factor type without `project`) by row
-        JVPs on each rank's shard, all-reduced."""
+        """sᵀHs = ‖J̃s‖²/b (forward: this rank's closure; steps like `params`). exact: J̃s from the
+        global factors (no model run, no double backward, which CPU attention lacks), as one
+        process computes it; local mode and custom factors without `project`: (1/b) Σ_r ‖J̃_r s‖²
+        by row JVPs on each rank's shard, all-reduced. Under a metric steps s' are in the
+        variables w' = D^{1/2}w: J̃'s' = J̃(D^{-1/2}s')."""
         if self.glob is not None:
             try:
                 return float(self.glob.project(steps).double().pow(2).sum()) / self.b
-            except NotImplementedError:
+            except NotImplementedError:  # the same factor types on every rank: every rank falls back
                 pass
+        if self.scale is not None:
+            steps = [x * c for x, c in zip(steps, self.scale)]
         local = row_jvp(self.local, forward, steps).double().pow(2).sum().reshape(1)
         dist.all_reduce(local, group=self.dp.group)
         return float(local) / self.b

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..ops import Backend
 from ..rules import EmbeddingFactors, Factors, PerSampleFactors, SeqFactors
 
-__all__ = ["sendable", "factor_bytes", "row_bytes", "tensors_of", "rebuilt"]
+__all__ = ["sendable", "factor_bytes", "row_bytes", "tensors_of", "rebuilt", "rebuilt_layers"]
 
 
 def tensors_of(f: Factors) -> list[Tensor]:
@@ -27,10 +27,20 @@ def tensors_of(f: Factors) -> list[Tensor]:
 def rebuilt(f: Factors, tensors: list[Tensor]) -> Factors:
     """A factor object like `f` over the gathered tensors (same order as `tensors_of`)."""
     if isinstance(f, SeqFactors):
-        return SeqFactors(f.weight, f.bias, list(zip(tensors[::2], tensors[1::2])), f.seq_method)
+        return SeqFactors(f.weight, f.bias, list(zip(tensors[::2], tensors[1::2])), f.seq_method, transposed=f.transposed)
     if isinstance(f, EmbeddingFactors):
         return EmbeddingFactors(f.weight, tensors[0], tensors[1])
     return PerSampleFactors(f.params, tensors)
+
+
+def rebuilt_layers(layers: list[Factors], tensors: list[Tensor]) -> list[Factors]:
+    """`rebuilt` for each layer in turn, over consecutive runs of `tensors` (their `tensors_of`)."""
+    out = []
+    for f in layers:
+        n = len(tensors_of(f))
+        out.append(rebuilt(f, tensors[:n]))
+        tensors = tensors[n:]
+    return out
 
 
 def factor_bytes(f: Factors) -> int:

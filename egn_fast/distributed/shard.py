@@ -7,6 +7,7 @@ q columns [lo_q, hi_q) of all m global rows; each rank adds its partial Gram P_q
 all-reduce sums the m × m partials. The back-projection is each rank's slice −P_qᵀγ, then an
 all-gather of the slices. Per rank that sends m_r·N·(R−1)/R numbers for the rows, 2(R−1)/R·m² for
 the Gram and (R−1)·N/R per back-projection, instead of (R−1)·m_r·N for all-gathering the rows.
+J̃v (Monte-Carlo rows' z = J̃g) is each rank's partial P_q v_q, all-reduced.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ class ShardedRows(Factors):
         return [x.view(p.shape) for x, p in zip(full.split([p.numel() for p in self.params]), self.params)]
 
     def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
-        flat = torch.cat([x.reshape(-1).to(dtype) for x in v])[self.bounds[self.rank] : self.bounds[self.rank + 1]]
-        z = backend.project_per_sample(self.P, flat, dtype)
-        dist.all_reduce(z, group=self.group)  # the columns' partial sums: the same J̃v on every rank
-        return z
+        rank = dist.get_rank(self.group)
+        lo, hi = self.bounds[rank], self.bounds[rank + 1]
+        partial = backend.project_per_sample(self.P, torch.cat([x.reshape(-1) for x in v])[lo:hi], dtype)
+        dist.all_reduce(partial, group=self.group)  # the same sum on every rank
+        return partial
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         raise NotImplementedError("sharded rows are split across ranks; no rank holds a parameter's full rows")

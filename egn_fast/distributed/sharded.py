@@ -1,4 +1,5 @@
-"""Sharded parameters (FSDP2's `fully_shard`, HSDP; docs/design.md §6, "Sharded parameters"):
+"""The process group and mode of a data-parallel step (`check_mode`, `resolve_distributed`), and
+sharded parameters (FSDP2's `fully_shard`, HSDP; docs/design.md §6, "Sharded parameters"):
 which shardings egn_fast serves, and which process group the step then runs over.
 
 The exact data-parallel route needs no parameter values (the factors are the layers' inputs and
@@ -17,12 +18,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from ..dtensors import is_dtensor, own_rows
-from .data_parallel import check_mode
 
-__all__ = ["resolve_distributed", "check_sharding"]
+__all__ = ["MODES", "check_mode", "resolve_distributed", "check_sharding", "check_sharded_batch"]
+
+MODES = ("exact", "local")
+
+
+def check_mode(process_group: Any, distributed: str | None) -> str | None:
+    """The data-parallel mode: None without a process group, else `distributed` ("exact" by default)."""
+    if process_group is None:
+        if distributed is not None:
+            raise ValueError(f"distributed={distributed!r} needs a process_group")
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group given but torch.distributed is not initialized (dist.init_process_group)")
+    mode = "exact" if distributed is None else distributed
+    if mode not in MODES:
+        raise ValueError(f"unknown distributed mode {distributed!r}; expected 'exact' or 'local'")
+    return mode
 
 
 def resolve_distributed(model: nn.Module, process_group: Any, distributed: str | None) -> tuple[Any, str | None]:
@@ -106,3 +122,18 @@ def _fsdp_managed(model: nn.Module) -> set[int]:
 
     walk(model, False)
     return managed
+
+
+def check_sharded_batch(dp: Any, targets: Tensor | None) -> None:
+    """Refuse, on every rank of `dp` (a DataParallel), a step where some rank holds one sample
+    while the parameters are sharded. FSDP all-gathers inside the capture's forward and backward
+    passes, so those passes must be the same on every rank; with one sample the capture cannot
+    tell an output broadcast over the batch from a batch of one, and may take one pass fewer than
+    the other ranks (docs/design.md §6). Checked when the targets are given (their batch size)."""
+    b_r = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else -1
+    sizes = dp.sync(None, [b_r])[:, 1].tolist()
+    if 1 in sizes:
+        raise ValueError(
+            f"rank {sizes.index(1)} of {dp.world} holds 1 sample: with sharded (FSDP) parameters every rank needs "
+            "at least 2 samples per step (the capture's passes must match across ranks)"
+        )

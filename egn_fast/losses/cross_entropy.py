@@ -8,7 +8,8 @@ N counted tokens, exactly F.cross_entropy(f.reshape(-1, V), y.reshape(-1)); in e
 per-sample form (L = mean_i ℓ_i) that is ℓ_i = (b/N) Σ_t ℓ_it, so H = (1/N) Σ_{i,t} J_itᵀ Q_it J_it
 and λ means what it means for any loss. The exact factor is block-diagonal, one (V, V−1) block
 per token (s = T·(V−1), zero for ignored tokens): for small vocabularies; curvature="mc"
-(egn_fast.losses.curvature) needs only r and drawn labels.
+(egn_fast.losses.curvature) needs only r and drawn labels. On one rank of a data-parallel group
+(`with_share`) b and N are the global batch's: the mean is over every rank's counted tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from ..ops import Backend
 from .heads import Loss, LossHead
+from .share import draw
 
 __all__ = ["CrossEntropyLoss", "IGNORE_INDEX"]
 
@@ -90,8 +92,8 @@ class CrossEntropyLoss(Loss):
         V = c // T
         y = targets.reshape(b, T).long()
         counted = y != IGNORE_INDEX
-        if not counted.any():
-            raise ValueError(f"cross_entropy: every target is ignore_index ({IGNORE_INDEX}): no token to fit")
+        if not counted.any():  # refused by _token_scale unless other ranks' shards count tokens
+            return y
         lo, hi = (int(v) for v in torch.aminmax(y[counted]))
         if lo < 0 or hi >= V:
             raise ValueError(
@@ -108,10 +110,10 @@ class CrossEntropyLoss(Loss):
         counted = targets != IGNORE_INDEX
         logp = torch.log_softmax(outputs.reshape(b, T, -1), 2)
         tok = -logp.gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-        return torch.where(counted, tok, 0.0).sum(1) * _token_scale(targets)
+        return torch.where(counted, tok, 0.0).sum(1) * self._token_scale(targets)
 
     def curvature_scale(self, outputs: Tensor, targets: Tensor) -> float:
-        return 1.0 if targets.dim() == 1 else _token_scale(targets)
+        return 1.0 if targets.dim() == 1 else self._token_scale(targets)
 
     def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """p − e_y per sample, or per counted token scaled by b/N (zero for ignored tokens)."""
@@ -120,19 +122,38 @@ class CrossEntropyLoss(Loss):
             b, T = tokens.shape
             r = _residual(torch.softmax(outputs.reshape(b, T, -1), 2), tokens.clamp(min=0))
             if targets.dim() == 2:
-                r = torch.where((tokens != IGNORE_INDEX)[..., None], r, 0.0) * _token_scale(targets)
+                r = torch.where((tokens != IGNORE_INDEX)[..., None], r, 0.0) * self._token_scale(targets)
             return r.view(b, -1)
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """ŷ ~ softmax(f) per sample, or per counted token (ignored tokens stay ignore_index):
-        (k, b) or (k, b, T), long."""
+        (k, b) or (k, b, T), long. By inverse CDF from uniforms u (k, b, T) (`draw`: the global
+        batch's with a share, so the labels do not depend on how the batch is split): ŷ is the
+        first class whose cumulative probability exceeds u·Σp; a class of probability 0 is never drawn."""
         b = outputs.shape[0]
         T = 1 if targets.dim() == 1 else targets.shape[1]
-        p = torch.softmax(outputs.detach().reshape(b * T, -1).to(torch.promote_types(outputs.dtype, torch.float32)), 1)
-        device = p.device if generator is None else generator.device
-        drawn = torch.multinomial(p.to(device), k, replacement=True, generator=generator).to(p.device)  # (b·T, k)
-        drawn = drawn.T.reshape(k, *targets.shape)
+        p = torch.softmax(outputs.detach().reshape(b, T, -1).to(torch.promote_types(outputs.dtype, torch.float32)), 2)
+        cdf = p.cumsum_(2)  # (b, T, V), in place: p is not needed again
+        total = cdf[..., -1:].contiguous()
+        last = torch.searchsorted(cdf, total)  # the last class of positive probability (cdf reaches its total there)
+        u = draw(torch.rand, (k, b, T), generator, outputs, self.share)  # float64
+        drawn = torch.empty(k, b, T, dtype=torch.long, device=outputs.device)
+        for j in range(k):  # one (b, T, V) search at a time
+            v = (u[j, ..., None] * total.double()).to(cdf.dtype)
+            drawn[j] = torch.minimum(torch.searchsorted(cdf, v, right=True), last).squeeze(2)  # rounding: v ≥ total
+        drawn = drawn.view(k, *targets.shape)
         return drawn if targets.dim() == 1 else torch.where(targets != IGNORE_INDEX, drawn, IGNORE_INDEX)
+
+    def count_tokens(self, targets: Tensor) -> int:
+        return targets.shape[0] if targets.dim() == 1 else int((targets != IGNORE_INDEX).sum())
+
+    def _token_scale(self, targets: Tensor) -> float:
+        """a = b/N for per-token targets (b, T): ℓ_i = a Σ_t ℓ_it makes mean_i ℓ_i the token mean;
+        with a share, b and N are the global batch's (the rank's own targets may count none)."""
+        b, n = (targets.shape[0], self.count_tokens(targets)) if self.share is None else (self.share.b, self.share.tokens)
+        if n == 0:
+            raise ValueError(f"cross_entropy: every target is ignore_index ({IGNORE_INDEX}): no token to fit")
+        return b / n
 
     # ------------------------------------------------------------------ the exact head
 
@@ -144,7 +165,7 @@ class CrossEntropyLoss(Loss):
             V = outputs.shape[1] // T
             counted = targets.reshape(b * T, 1) != IGNORE_INDEX
             tok = self._sample_head(outputs.reshape(b * T, V), targets.clamp(min=0).reshape(-1))
-            a = _token_scale(targets)
+            a = self._token_scale(targets)
             s_tok = tok.S.shape[2]
             r = torch.where(counted, tok.r, 0.0).view(b, T * V) * a
             w = torch.where(counted, tok.w, 0.0).view(b, T * s_tok) * a**0.5
@@ -191,6 +212,3 @@ def _residual(p: Tensor, y: Tensor) -> Tensor:
     return p.scatter(-1, y, -p.scatter(-1, y, 0.0).sum(-1, keepdim=True))
 
 
-def _token_scale(targets: Tensor) -> float:
-    """a = b/N for per-token targets (b, T): ℓ_i = a Σ_t ℓ_it makes mean_i ℓ_i the token mean."""
-    return targets.shape[0] / int((targets != IGNORE_INDEX).sum())

@@ -15,7 +15,9 @@
                            lies in the rows' span (the ordinary row-space step).
 
 Draws use `generator` (the global RNG of the outputs' device when None) and are returned as
-`samples` (k, *targets.shape), so a test can rebuild Ĥ from them.
+`samples` (k, *targets.shape), so a test can rebuild Ĥ from them. A loss bound to one rank's
+share of a global batch (`Loss.with_share`) draws the global batch's random numbers and keeps its
+own samples' (egn_fast.losses.share), so the labels do not depend on how the batch is split.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ For the estimated curvatures (egn_fast.losses.curvature) a loss also gives its r
 (`residual`), targets drawn from the model's predictive distribution (`sample_targets`, for
 Monte-Carlo rows) and `curvature_scale` a, with E_ŷ[r(ŷ) r(ŷ)ᵀ] = a·Q_i. Cross-entropy, also per
 token, is in egn_fast.losses.cross_entropy.
+
+On one rank of a data-parallel group a loss is evaluated on the rank's samples of the global
+batch: `with_share(share)` gives the loss bound to that share (egn_fast.losses.share), whose
+values use the global batch where the loss involves it (the per-token mean) and whose draws are
+the global batch's; without a share (one process) the batch given is the whole batch.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import copy
+
 import torch
 from torch import Tensor
 
 from ..checks import all_finite
 from ..ops import Backend
+from .share import BatchShare, draw
 
 __all__ = [
     "LossHead",
@@ -33,7 +41,6 @@ __all__ = [
     "BCEWithLogitsLoss",
     "AutogradLoss",
     "ScaledLoss",
-    "draw",
 ]
 
 
@@ -71,6 +78,22 @@ class Loss:
     """
 
     name = "custom"
+    share: BatchShare | None = None  # this rank's part of a global batch (with_share); None: the batch is whole
+
+    def with_share(self, share: BatchShare | None) -> Loss:
+        """This loss for one rank's samples of a global batch (a copy with `share` set), or self
+        for share=None. Per-sample losses compute the same values either way; the share changes
+        the per-token mean's b/N and which random numbers `sample_targets` uses."""
+        if share is None:
+            return self
+        bound = copy.copy(self)
+        bound.share = share
+        return bound
+
+    def count_tokens(self, targets: Tensor) -> int:
+        """The units the batch loss averages over in checked targets: samples (b), or counted
+        tokens for per-token cross-entropy (what `BatchShare.tokens` sums over ranks)."""
+        return targets.shape[0]
 
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Validate targets against outputs (b, c); return them reshaped for this loss."""
@@ -148,7 +171,7 @@ class MSELoss(Loss):
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """ŷ = f + ε, ε ~ N(0, I) (the Gaussian the squared error is the log-likelihood of): r = −ε."""
-        noise = draw(torch.randn, (k, *outputs.shape), generator, outputs)
+        noise = draw(torch.randn, (k, *outputs.shape), generator, outputs, self.share)
         return outputs.detach() + noise.to(outputs.dtype)
 
 
@@ -183,7 +206,7 @@ class BCEWithLogitsLoss(Loss):
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """ŷ ~ Bernoulli(σ(f)) per output, as 0.0/1.0."""
-        u = draw(torch.rand, (k, *outputs.shape), generator, outputs)
+        u = draw(torch.rand, (k, *outputs.shape), generator, outputs, self.share)
         return (u < torch.sigmoid(outputs.detach().double())).to(outputs.dtype)
 
 
@@ -266,6 +289,12 @@ class ScaledLoss(Loss):
     def __init__(self, base: Loss, factor: float, per_output: bool, name: str):
         self.base, self.factor, self.per_output, self.name = base, factor, per_output, name
 
+    def with_share(self, share: BatchShare | None) -> Loss:
+        return self if share is None else ScaledLoss(self.base.with_share(share), self.factor, self.per_output, self.name)
+
+    def count_tokens(self, targets: Tensor) -> int:
+        return self.base.count_tokens(targets)
+
     def scale(self, outputs: Tensor) -> float:
         """a for outputs (b, c)."""
         return self.factor / outputs.shape[1] if self.per_output else self.factor
@@ -292,10 +321,3 @@ class ScaledLoss(Loss):
     def curvature_scale(self, outputs: Tensor, targets: Tensor) -> float:
         return self.scale(outputs) * self.base.curvature_scale(outputs, targets)
 
-
-def draw(sampler: Callable[..., Tensor], shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """sampler(shape) (torch.rand / torch.randn) in float64 on the generator's device (the global
-    RNG of `like`'s device when None), moved to `like`'s device: the draws depend only on the
-    generator's state, not on where the model runs."""
-    device = like.device if generator is None else generator.device
-    return sampler(shape, generator=generator, device=device, dtype=torch.float64).to(like.device)

@@ -60,13 +60,15 @@ class EGN(ModelOptimizer):
             callable `fn(outputs (c,), target) -> scalar`. The batch loss is the mean over samples
             (per-token cross-entropy: over counted tokens, egn_fast.losses.cross_entropy).
         curvature: "exact" | "mc" (mc_samples rows per sample from targets drawn with
-            `generator`; the default generator is seeded from torch's global RNG) | "empirical"
-            (egn_fast.losses.curvature). The state_dict carries the generator's state, so a
-            resumed run draws the same samples.
+            `generator`; the default generator is seeded from torch's global RNG, rank 0's with a
+            process group) | "empirical" (egn_fast.losses.curvature). The state_dict carries the
+            generator's state, so a resumed run draws the same samples. With a process group a
+            given generator must be in the same state on every rank (checked each step).
         metric: None (d = −(H + λI)⁻¹g) | "adam": d = −(H + λD)⁻¹g with D = √v̂ + metric_eps,
             v̂ the bias-corrected EMA (metric_beta) of g² (Adam's second moment, updated with
             every step's gradient; egn_fast.system.metric). Off the rows' span the step is then
-            Adam's g/(λD) instead of g/λ: use it with curvature="mc"; λ acts as 1/Adam's lr.
+            Adam's g/(λD) instead of g/λ: use it with curvature="mc"; λ acts as 1/Adam's lr. With a
+            process group (exact mode) v is updated from the global gradient, the same on every rank.
         lr: step multiplier per group (1.0 is the full LM step).
         damping: initial λ ≥ 0 in (H + λI).
         momentum: β ∈ [0, 1) on the direction; momentum_type "ema" | "heavy_ball" | "nesterov".
@@ -138,14 +140,20 @@ class EGN(ModelOptimizer):
         self.max_step_norm = max_step_norm
         self.skip_nonfinite = skip_nonfinite
         self.backend, self.seq_method, self.solve_dtype, self.timings = backend, seq_method, solve_dtype, timings
-        if metric is not None and self.data_parallel is not None:
-            raise ValueError("metric= with a process_group is not supported yet")
+        if metric is not None and self.data_parallel is not None and not self.data_parallel.exact:
+            raise ValueError(
+                f"metric={metric!r} with distributed='local' is not supported: each rank would update its second moment "
+                "from its own gradient; use distributed='exact' (the global gradient, the same state on every rank)"
+            )
         self.metric, self.metric_beta, self.metric_eps = metric, metric_beta, metric_eps
         self.curvature, self.mc_samples = curvature, mc_samples
         self.generator = generator
         if curvature == "mc" and generator is None:
             device = self.param_groups[0]["params"][0].device
-            self.generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
+            seed = int(torch.randint(2**62, ()))
+            if self.data_parallel is not None:  # every rank draws the global batch's labels from one state
+                seed = self.data_parallel.from_rank0(seed)
+            self.generator = torch.Generator(device).manual_seed(seed)
         # Per-parameter state exists from the start, zeros where a first step reads "none yet" (the
         # same bits: β·0 + x = x): torch.distributed.checkpoint's state-dict helpers load into an
         # initialized state and would otherwise call step() without a batch to create one

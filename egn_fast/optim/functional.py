@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from ..capture import Closure
 from ..system import RowSpaceSystem, Solution
-from ..system.metric import with_diagonal_metric
 from ..system.solve import dot
 from .damping import AdaptiveDamping, gain_ratio
 from .line_search import ArmijoLineSearch, backtrack
@@ -37,10 +36,11 @@ def lm_direction(
 ) -> tuple[RowSpaceSystem, Solution, list[Tensor]]:
     """(the system solved, its Solution, d): d = −(H + λI)⁻¹g; with scale = D^{-1/2} (shaped like
     system.params) d = −(H + λD)⁻¹g, solved in the variables w' = D^{1/2}w (egn_fast.system.metric),
-    which the returned system and Solution are in."""
+    which the returned system and Solution are in (`system.with_metric`: a data-parallel system
+    rescales its global rows)."""
     if scale is not None:
         with system.clock("metric"):
-            system = with_diagonal_metric(system, scale)
+            system = system.with_metric(scale)
     sol, d = system.solve_and_backproject(damping, solve_dtype)
     if scale is not None:
         d = [x * s for x, s in zip(d, scale)]

@@ -12,6 +12,8 @@ gradient g (one backward) and J̃g from the layer factors, and give a `WoodburyS
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -19,7 +21,7 @@ from ..capture import Closure, Inputs, capture_model
 from ..checks import all_finite, check_row_space, check_seq_method
 from ..dtensors import is_dtensor
 from ..errors import NonFiniteError
-from ..losses import LossSpec, check_curvature, resolve_loss, rows_for
+from ..losses import BatchShare, LossSpec, check_curvature, resolve_loss, rows_for
 from ..ops import check_backend, get_backend
 from ..rules import RuleContext, layer_factors
 from .row_space import RowSpaceSystem, WoodburySystem, project
@@ -43,7 +45,7 @@ def build_system(
     curvature: str = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    part_of_group: bool = False,
+    batch_share: Callable[[int, int], BatchShare] | None = None,
 ) -> RowSpaceSystem:
     """Capture, loss head, batched backward and Gram: the row-space system at the current parameters.
 
@@ -59,21 +61,25 @@ def build_system(
     are then not detected here (the Gram's diagonal is the check).
     curvature: "exact" | "mc" (mc_samples rows per sample drawn with `generator`; a
     WoodburySystem) | "empirical" (egn_fast.losses.curvature).
-    part_of_group: set by egn_fast.distributed, which builds each rank's part of a global system;
-    only then may parameters be sharded (DTensors, FSDP2): alone, a rank's system would give its
-    shard of its own batch's direction, which is no one's direction.
+    batch_share: on one rank of a data-parallel group (egn_fast.distributed), called once with
+    (b_r, counted tokens of the checked targets) after the capture and before the loss head: it
+    returns this rank's `BatchShare` of the global batch (a collective), which the loss head, the
+    draws and the gradient's 1/b then use; the system holds this rank's rows, and a Monte-Carlo
+    system's `grad` is this rank's part (1/b) Σ_{i ∈ rank} J_iᵀ r_i of the global gradient.
+    None (one process): the batch is whole — and the parameters must not be sharded (DTensors,
+    FSDP2): alone, a rank's system would give its shard of its own batch's direction.
     The model's parameters, buffers and .grad fields are left untouched.
     """
     loss_fn = resolve_loss(loss)
     check_backend(backend)
     check_seq_method(seq_method)
     check_curvature(curvature, mc_samples, generator)
-    captured = capture_model(model, inputs, targets, closure=closure, params=params, timings=timings)
-    if not part_of_group and any(is_dtensor(p) for p in captured.params):
-        raise ValueError(
+    if batch_share is None and any(is_dtensor(p) for p in (model.parameters() if params is None else params)):
+        raise ValueError(  # before the forward, whose FSDP all-gathers would wait for the other ranks
             "the model's parameters are sharded (DTensors, FSDP2): build its system with egn_fast.direction, EGN or "
             "egn_fast.distributed.DataParallel(...).build_system, which run over the ranks of the mesh"
         )
+    captured = capture_model(model, inputs, targets, closure=closure, params=params, timings=timings)
     params, device, b, clock = captured.params, captured.device, captured.b, captured.clock
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
@@ -82,11 +88,12 @@ def build_system(
         with clock("loss_head"):
             loss_fn.check_output_shape(captured.output_shape, captured.targets)
             targets = loss_fn.check_targets(captured.outputs, captured.targets)
+            share = None if batch_share is None else batch_share(b, loss_fn.count_tokens(targets))
             outputs = captured.outputs.detach()
             # under autocast the logits may be bf16: the loss head computes in fp32 at least
             if outputs.dtype in (torch.float16, torch.bfloat16):
                 outputs = outputs.float()
-            rows = rows_for(loss_fn, outputs, targets, curvature, mc_samples, generator, ops)
+            rows = rows_for(loss_fn.with_share(share), outputs, targets, curvature, mc_samples, generator, ops)
             head = rows.head
             if not all_finite(head.per_sample):
                 raise NonFiniteError(f"the loss ({loss_fn.name}) is not finite at the current parameters")
@@ -97,7 +104,7 @@ def build_system(
         grad = None
         if head.w is None:  # Monte-Carlo rows: g = (1/b) Σ_i J_iᵀ r_i by one backward, before the batched one
             with clock("gradient"):
-                grad = captured.gradient(head.r / b)
+                grad = captured.gradient(head.r / (b if share is None else share.b))
 
         with clock("backward"):
             captured.backward(head.S.permute(2, 0, 1))

@@ -136,6 +136,12 @@ class RowSpaceSystem:
             rows = row_jvp(self, forward, steps)
         return float(rows.double().pow(2).sum()) / self.b
 
+    def with_metric(self, scale: list[Tensor]) -> RowSpaceSystem:
+        """This system in the variables w' = D^{1/2}w for scale = D^{-1/2} (egn_fast.system.metric)."""
+        from .metric import with_diagonal_metric  # metric.py builds on this module
+
+        return with_diagonal_metric(self, scale)
+
     def gradient(self) -> list[Tensor]:
         """g = (1/b)J̃ᵀw, the gradient of the batch-mean loss, shaped like `params`."""
         return self.backproject(-self.w / self.b)  # backproject(γ) = −J̃ᵀγ
