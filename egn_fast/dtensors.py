@@ -23,9 +23,10 @@ import contextlib
 import sys
 from typing import Iterable, Iterator
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["is_dtensor", "full_value", "own_rows", "as_shard", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off"]
+__all__ = ["is_dtensor", "full_value", "own_rows", "as_shard", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off", "fsdp_gradient"]
 
 
 def is_dtensor(x: object) -> bool:
@@ -95,15 +96,50 @@ def fsdp_aliases(model: nn.Module) -> dict[int, int]:
     from torch.distributed.fsdp import FSDPModule
 
     out: dict[int, int] = {}
+    for group in _fsdp_param_groups(model):
+        for fsdp_param in group.fsdp_params:
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                out[id(unsharded)] = id(fsdp_param.sharded_param)
+    return out
+
+
+def _fsdp_param_groups(model: nn.Module) -> list:
+    """FSDP2's parameter groups (`FSDPParamGroup`) of every `fully_shard` module of `model`."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = []
     for m in model.modules():
         if isinstance(m, FSDPModule):
             state = m._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]
-            for fsdp_param in (p for g in groups if g is not None for p in g.fsdp_params):
-                unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                if unsharded is not None:
-                    out[id(unsharded)] = id(fsdp_param.sharded_param)
-    return out
+            groups += [g for g in getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group] if g is not None]
+    return groups
+
+
+def fsdp_gradient(model: nn.Module, outputs: Tensor, params: list[Tensor], cotangent: Tensor) -> list[Tensor]:
+    """Σ_i J_iᵀ cotangent_i summed over every rank's samples, this rank's shard of each sharded
+    parameter (a DTensor placed like it; zeros where unused). One ordinary backward through FSDP,
+    whose reduce-scatter (and, under HSDP, all-reduce across replicas) of the gradients is the
+    communication of a first-order step, with its divide factor set to 1 for the moment so the
+    ranks' parts are summed, not averaged. Every parameter's .grad is left as it was. The graph
+    is kept for the batched backward."""
+    groups = _fsdp_param_groups(model)
+    factors = [g.gradient_divide_factor for g in groups]
+    held = [(p, p.grad) for p in model.parameters()]
+    try:
+        for p, _ in held:
+            p.grad = None
+        for g in groups:
+            g.gradient_divide_factor = 1.0
+        torch.autograd.backward(outputs, cotangent, retain_graph=True)
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+    finally:
+        for g, factor in zip(groups, factors):
+            g.gradient_divide_factor = factor
+        for p, grad in held:
+            p.grad = grad
 
 
 @contextlib.contextmanager

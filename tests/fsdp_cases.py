@@ -179,3 +179,59 @@ def optimizer_steps(rank: int, world: int, path: str) -> dict:
     out["resumed_equal"] = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(resumed.parameters(), replay.parameters()))
     out["damping_equal"] = opt2.damping == opt3.damping
     return out
+
+
+def token_problem(kind: str, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """TinyGPT or GPT-2 (from a config) with next-token targets (10, T), some ignored (−100), so
+    the shards count different numbers of tokens."""
+    if kind == "gpt2":
+        model, ids, _ = gpt2_problem(seed)
+        y = torch.roll(ids, -1, 1)
+    else:
+        model, ids, _ = lm_problem(seed)
+        y = torch.roll(ids, -1, 1)
+    g = torch.Generator().manual_seed(seed + 1)
+    y.view(-1)[torch.randperm(y.numel(), generator=g)[:7]] = -100
+    return model, ids, y
+
+
+def lm_rows(rank: int, world: int, cases: list[tuple[str, str]], hsdp: bool) -> dict:
+    """Per (model, curvature): per-token cross-entropy with ignored tokens, the direction of a
+    sharded model against one process on the whole batch drawing with the same generator."""
+    mesh = mesh_of(world, hsdp)
+    out = {}
+    for kind, curvature in cases:
+        model, ids, y = token_problem(kind, 11)
+        options = dict(loss="cross_entropy", damping=0.3, curvature=curvature)
+        if curvature == "mc":
+            options["mc_samples"] = 2
+        draws = (lambda: dict(generator=torch.Generator().manual_seed(5))) if curvature == "mc" else dict
+        want = egn_fast.direction(model, ids, y, **options, **draws())
+        sharded = (shard_gpt2 if kind == "gpt2" else shard_model)(copy.deepcopy(model), mesh)
+        got = egn_fast.direction(sharded, *mine(rank, world, ids, y), **options, **draws())
+        out[(kind, curvature)] = (rel_err(gathered(got), want), all(isinstance(d, DTensor) for d in got),
+                                  torch.cat([d.reshape(-1) for d in gathered(got)]))
+    return out
+
+
+def _lm_optimizer(model: nn.Module) -> egn_fast.EGN:
+    return egn_fast.EGN(model, loss="cross_entropy", damping=0.5, momentum=0.9, line_search="armijo", adaptive_damping=True,
+                        curvature="mc", mc_samples=2, metric="adam", generator=torch.Generator().manual_seed(9))
+
+
+def lm_steps(rank: int, world: int) -> dict:
+    """5 EGN steps with Monte-Carlo rows (new draws every step), the Adam metric, momentum, Armijo
+    and adaptive damping on a sharded TinyGPT (per-token cross-entropy) vs one process on the
+    whole batch."""
+    mesh = mesh_of(world, False)
+    model, ids, y = token_problem("tiny_gpt", 13)
+    batches = [(ids, y)] * 5  # one training batch: with fresh random ones, momentum predicts no decrease
+    single, sharded = copy.deepcopy(model), shard_model(copy.deepcopy(model), mesh)
+    ref, opt = _lm_optimizer(single), _lm_optimizer(sharded)
+    infos, accepted = [], 0
+    for ids, y in batches:
+        want, got = ref.step(ids, y), opt.step(*mine(rank, world, ids, y))
+        infos.append((got.accepted == want.accepted, abs(got.loss - want.loss), got.damping == want.damping))
+        accepted += want.accepted
+    return dict(err=rel_err(gathered(list(sharded.parameters())), list(single.parameters())), infos=infos, accepted=accepted,
+                metric_sharded=all(isinstance(s["metric_sq"], DTensor) for s in opt.state.values()))

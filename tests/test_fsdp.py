@@ -49,3 +49,16 @@ def test_5_egn_steps_equal_one_process_and_a_dcp_resume_is_bit_identical(tmp_pat
         assert all(same_accept and dloss < 1e-12 and same_damping for same_accept, dloss, same_damping in r["infos"]), r["infos"]
         assert r["still_sharded"] and r["buffers_sharded"]
         assert r["resumed_equal"] and r["damping_equal"]
+
+
+@pytest.mark.parametrize("world,hsdp", [(2, False), (4, True)], ids=["fsdp_2", "hsdp_2x2"])
+def test_language_model_rows_per_token_exact_mc_and_empirical(world, hsdp):
+    grid = [("tiny_gpt", "exact"), ("tiny_gpt", "mc"), ("tiny_gpt", "empirical"), ("gpt2", "mc")]
+    check(run_ranks(cases.lm_rows, world, grid, hsdp, timeout=120), grid)
+
+
+def test_5_steps_with_mc_rows_and_the_adam_metric_equal_one_process():
+    for r in run_ranks(cases.lm_steps, 2, timeout=120):
+        assert r["err"] < 1e-10, r  # Monte-Carlo rows and the metric over 5 steps: rounding grows to ~1e-11
+        assert all(same_accept and dloss < 1e-10 and same_damping for same_accept, dloss, same_damping in r["infos"]), r["infos"]
+        assert r["metric_sharded"] and r["accepted"] >= 3

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checks import check_trainable
 from ..clock import StageClock
-from ..dtensors import is_dtensor
+from ..dtensors import fsdp_gradient, is_dtensor, reshard_fsdp
 from .compiled import running_eager, uncompiled
 from .forward import ModelState, capture_planned, undone_on_error
 from .hooks import Closure, Inputs, ModuleCall, forward_of, output_grads
@@ -39,7 +39,8 @@ class ModelCapture:
     params: the parameters J is taken with respect to (model.parameters() order); outputs: the
     model's outputs f (b, c) (detached once `backward` has run); targets as the forward returned
     them; output_shape: the outputs before flattening, (b, …); calls: every hooked module's
-    recorded calls, their outputs' batch layouts applied; clock: seconds per stage, "forward" done.
+    recorded calls, their outputs' batch layouts applied; clock: seconds per stage, "forward" done;
+    model: the (uncompiled) model that ran.
     """
 
     params: list[nn.Parameter]
@@ -51,6 +52,7 @@ class ModelCapture:
     calls: dict[nn.Module, list[ModuleCall]]
     state: ModelState
     clock: StageClock
+    model: nn.Module
 
     @property
     def b(self) -> int:
@@ -75,9 +77,10 @@ class ModelCapture:
 
     def gradient(self, cotangent: Tensor) -> list[Tensor]:
         """Σ_i J_iᵀ cotangent_i for every parameter (zeros where unused); cotangent: (b, c). The
-        graph is kept for `backward`."""
+        graph is kept for `backward`. Sharded parameters (FSDP2): this rank's shard of the sum
+        over every rank's samples (egn_fast.dtensors.fsdp_gradient, FSDP's own reduce-scatter)."""
         if any(is_dtensor(p) for p in self.params):  # FSDP's graph holds unsharded copies, not these
-            raise ValueError("the gradient of sharded (FSDP) parameters is not supported here")
+            return fsdp_gradient(self.model, self.outputs, self.params, cotangent.to(self.outputs.dtype))
         grads = torch.autograd.grad(self.outputs, self.params, cotangent.to(self.outputs.dtype), retain_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(self.params, grads)]
 
@@ -110,6 +113,7 @@ def capture_model(
     forward (egn_fast.capture.compiled); names in messages are the uncompiled model's.
     """
     model = uncompiled(model)
+    reshard_fsdp(model)  # a forward of the user's may have left FSDP's root unsharded: its parameters are the DTensors again
     forward = forward_of(model, inputs, targets, closure)
     params, hooked = collect_trainable(model, None if params is None else {id(p) for p in params})
     device = check_trainable(model, params)
@@ -120,4 +124,4 @@ def capture_model(
     trainable = {id(p) for p in params}
     with clock("forward"), undone_on_error(model, device) as state, running_eager():
         capture, outputs, targets, plan = capture_planned(model, forward, hooked, trainable, state, batch_size)
-    return ModelCapture(params, device, outputs, targets, capture.output_shape, plan, capture.calls, state, clock)
+    return ModelCapture(params, device, outputs, targets, capture.output_shape, plan, capture.calls, state, clock, model)

@@ -173,8 +173,13 @@ class DataParallel:
 
     def global_gradient(self, local: list[Tensor]) -> list[Tensor]:
         """g = (1/b) Σ_i J_iᵀ r_i of the global batch from each rank's part (1/b) Σ_{i ∈ rank} J_iᵀ r_i
-        (shaped like the parameters, replicated): their sum, the same on every rank."""
-        return self.all_reduce_sum(local)
+        (shaped like the parameters): their sum, the same on every rank. A sharded parameter's part
+        is already that sum (FSDP's backward reduce-scattered it, egn_fast.dtensors.fsdp_gradient)."""
+        plain = [i for i, g in enumerate(local) if not is_dtensor(g)]
+        out = list(local)
+        for i, g in zip(plain, self.all_reduce_sum([local[i] for i in plain]) if plain else []):
+            out[i] = g
+        return out
 
     def build_system(
         self,

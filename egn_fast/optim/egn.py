@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..capture import Closure, Inputs, forward_of
 from ..checks import check_damping, check_lr, finite_nonnegative, group_of, trainable
 from ..distributed import DataParallel, resolve_distributed, unwrap
+from ..dtensors import reshard_fsdp
 from ..errors import NonFiniteError, SolveError
 from ..losses import LossSpec, check_curvature
 from ..system import RowSpaceSystem, build_system
@@ -287,6 +288,10 @@ class EGN(ModelOptimizer):
         self.egn_state["momentum_steps"] += 1
 
     def _loss_at(self, forward: Closure) -> float:
-        if self.data_parallel is not None:
-            return self.data_parallel.loss_at(self.loss_fn, forward)
-        return float(self.loss_fn.batch_mean(*forward()))
+        if self.data_parallel is None:
+            return float(self.loss_fn.batch_mean(*forward()))
+        loss = self.data_parallel.loss_at(self.loss_fn, forward)
+        # FSDP2 keeps the root's parameters unsharded after a forward; the step then moves the
+        # sharded ones, and the next forward would not gather them again
+        reshard_fsdp(self.model)
+        return loss

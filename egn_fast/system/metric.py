@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..checks import all_finite, check_row_space
+from ..dtensors import full_value
 from ..errors import NonFiniteError
 from ..rules import PerSampleFactors
 from .row_space import RowSpaceSystem, WoodburySystem, project
@@ -42,9 +43,9 @@ def with_diagonal_metric(system: RowSpaceSystem, scale: list[Tensor]) -> RowSpac
     dtype, ops = system.w.dtype, system.backend
     m = system.w.shape[0]
     check_row_space(system.b, system.s, dtype, system.w.device)
-    by_id = {id(p): s.to(dtype) for p, s in zip(system.params, scale)}
+    by_id = dict(zip(map(id, system.params), scale))  # a sharded scale all-gathered one layer at a time
     factors = [
-        PerSampleFactors(f.params, [P * by_id[id(p)] for p, P in zip(f.params, f.per_sample_grads(ops, dtype))])
+        PerSampleFactors(f.params, [P * full_value(by_id[id(p)]).to(dtype) for p, P in zip(f.params, f.per_sample_grads(ops, dtype))])
         for f in system.factors
     ]
     K = torch.zeros(m, m, dtype=dtype, device=system.w.device)
