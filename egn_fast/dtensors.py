@@ -91,10 +91,6 @@ def fsdp_aliases(model: nn.Module) -> dict[int, int]:
     graph of a forward holds the unsharded tensors; the plan's graph walk names parameters by the
     registered ones. (FSDP2 keeps one unsharded parameter per sharded one across unshard/reshard;
     this reads its `FSDPParam` records, the only place the pairing is kept.)"""
-    if "torch.distributed.fsdp" not in sys.modules:
-        return {}
-    from torch.distributed.fsdp import FSDPModule
-
     out: dict[int, int] = {}
     for group in _fsdp_param_groups(model):
         for fsdp_param in group.fsdp_params:
@@ -126,18 +122,18 @@ def fsdp_gradient(model: nn.Module, outputs: Tensor, params: list[Tensor], cotan
     ranks' parts are summed, not averaged. Every parameter's .grad is left as it was. The graph
     is kept for the batched backward."""
     groups = _fsdp_param_groups(model)
-    factors = [g.gradient_divide_factor for g in groups]
+    settings = [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups]
     held = [(p, p.grad) for p in model.parameters()]
     try:
         for p, _ in held:
             p.grad = None
-        for g in groups:
-            g.gradient_divide_factor = 1.0
+        for g in groups:  # a plain SUM (fp32's divide-by-1 would be a PREMUL_SUM, which gloo lacks)
+            g.gradient_divide_factor, g.force_sum_reduction_for_comms = 1.0, True
         torch.autograd.backward(outputs, cotangent, retain_graph=True)
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
     finally:
-        for g, factor in zip(groups, factors):
-            g.gradient_divide_factor = factor
+        for g, (factor, force_sum) in zip(groups, settings):
+            g.gradient_divide_factor, g.force_sum_reduction_for_comms = factor, force_sum
         for p, grad in held:
             p.grad = grad
 

@@ -235,3 +235,32 @@ def lm_steps(rank: int, world: int) -> dict:
         accepted += want.accepted
     return dict(err=rel_err(gathered(list(sharded.parameters())), list(single.parameters())), infos=infos, accepted=accepted,
                 metric_sharded=all(isinstance(s["metric_sq"], DTensor) for s in opt.state.values()))
+
+
+def dead_rank(rank: int, world: int, how: str) -> tuple[float, str] | None:
+    """One good step on a sharded model; in the second, rank 1 exits (how="exit") or hangs
+    (how="hang") inside its forward. Rank 0 reports how long it took to fail and the message."""
+    import os
+    import time
+
+    mesh = mesh_of(world, False)
+    torch.manual_seed(0)
+    model = shard_model(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double(), mesh)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    xr, yr = mine(rank, world, x, y)
+    opt = egn_fast.EGN(model, loss="cross_entropy")
+    opt.step(xr, yr)
+
+    def closure() -> tuple[Tensor, Tensor]:
+        if rank == 1 and how == "exit":
+            os._exit(3)  # the process dies: no exception, no goodbye to the group
+        if rank == 1:
+            time.sleep(3600)  # alive but stuck: the others wait for the process group's timeout
+        return model(xr), yr
+
+    start = time.monotonic()
+    try:
+        opt.step(closure=closure)
+        return time.monotonic() - start, "no error"
+    except RuntimeError as err:
+        return time.monotonic() - start, str(err)

@@ -1,6 +1,12 @@
 """Sharded parameters (FSDP2 `fully_shard`, HSDP) on real gloo process groups (spawned on the CPU,
 tests/distributed_harness.py) against one process on the concatenated batch (docs/design.md §6)."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +68,26 @@ def test_5_steps_with_mc_rows_and_the_adam_metric_equal_one_process():
         assert r["err"] < 1e-10, r  # Monte-Carlo rows and the metric over 5 steps: rounding grows to ~1e-11
         assert all(same_accept and dloss < 1e-10 and same_damping for same_accept, dloss, same_damping in r["infos"]), r["infos"]
         assert r["metric_sharded"] and r["accepted"] >= 3
+
+
+def test_the_readme_fsdp_example_runs_under_torchrun(tmp_path):
+    """examples/torchrun_fsdp_egn.py under torchrun, 2 CPU processes, as the README launches it."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "examples" / "torchrun_fsdp_egn.py"), "--steps", "3", "--checkpoint", str(tmp_path / "ckpt")]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2: loss" in out.stdout and "2 ranks, parameters still sharded: True" in out.stdout
+    before, after = map(float, re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
+    assert after < 0.9 * before
+    assert (tmp_path / "ckpt" / ".metadata").exists()
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_rank_that_dies_or_hangs_mid_step_makes_the_others_fail_not_wait(how):
+    """Rank 1 exits (or hangs) inside its forward during the second step; rank 0 must raise within
+    the process group's timeout (5 s here), naming itself, instead of waiting forever."""
+    (elapsed, message), = run_ranks(cases.dead_rank, 2, how, timeout=5.0, dead=(1,))
+    assert elapsed < 5.0 + 2.0, elapsed
+    assert message.startswith("rank 0 of 2: a collective of the EGN step failed"), message

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -39,13 +39,13 @@ from ..rules import PerSampleFactors
 from ..system.build import build_system
 from ..system.jvp import row_jvp
 from ..system.row_space import RowSpaceSystem, Solution
+from .faults import named_collective_failures, on_every_rank, raised_on_every_rank
 from .global_batch import generator_checksum, global_system, head_tensors, local_refusals, share_from
 from .sendable import rebuilt_layers, sendable, tensors_of
 from .shard import ShardedRows, shard_pays
 from .sharded import check_sharded_batch
 
-__all__ = ["DataParallel", "DataParallelSystem", "unwrap", "parameter_checksum", "on_every_rank",
-           "raised_on_every_rank"]
+__all__ = ["DataParallel", "DataParallelSystem", "unwrap", "parameter_checksum"]
 
 _META = 3  # ints each rank adds to a sync (zero-padded): every sync gathers the same shape
 # Errors re-raised on every rank as the class the failing rank raised; any other as RuntimeError.
@@ -56,17 +56,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel: EGN does its own communication, so DDP's forward
     (buffer broadcast, gradient-reduction bookkeeping) is bypassed; the parameters are the same."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def on_every_rank(error: Exception) -> Exception:
-    """Mark an error that every rank raises at the same point (a sync's report, or a decision on a
-    gathered table): a surrounding try/except passes it on instead of reporting it in one more sync."""
-    error.on_every_rank = True  # type: ignore[attr-defined]
-    return error
-
-
-def raised_on_every_rank(error: BaseException) -> bool:
-    return getattr(error, "on_every_rank", False)
 
 
 def parameter_checksum(params: list[nn.Parameter]) -> int:
@@ -83,6 +72,10 @@ class DataParallel:
     def __init__(self, process_group: Any, mode: str, device: torch.device):
         self.group, self.mode, self.device = process_group, mode, device
         self.rank, self.world = dist.get_rank(process_group), dist.get_world_size(process_group)
+
+    def named_failures(self) -> ContextManager[None]:
+        """Within the block a failed collective names this rank (egn_fast.distributed.faults)."""
+        return named_collective_failures(self.rank, self.world)
 
     @property
     def exact(self) -> bool:

@@ -203,6 +203,12 @@ class EGN(ModelOptimizer):
         if callable(inputs) and targets is None and closure is None:
             inputs, closure = None, inputs  # torch's positional step(closure), as Accelerate's optimizer wrapper calls it
         forward = forward_of(self.model, inputs, targets, closure)
+        if self.data_parallel is None:
+            return self._step(forward)
+        with self.data_parallel.named_failures():  # a rank that died makes the others fail naming themselves
+            return self._step(forward)
+
+    def _step(self, forward: Closure) -> StepInfo:
         damping = self.egn_state["damping"]
         try:
             system = self._build_system(forward)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from ..capture import Closure, Inputs, forward_of
 from ..checks import check_damping, check_model, check_params_in_model
 from ..distributed import DataParallel, resolve_distributed, unwrap
 from ..losses import LossSpec, check_curvature, resolve_loss
-from ..system import build_system
+from ..system import RowSpaceSystem, build_system
 from .step_info import StepInfo
 
 __all__ = ["EGNPreconditioner"]
@@ -70,9 +71,13 @@ class EGNPreconditioner:
     @torch.no_grad()
     def step(self, inputs: Inputs | None = None, targets: Tensor | None = None, *, closure: Closure | None = None) -> StepInfo:
         """Set p.grad = −d for every parameter (d the EGN direction on this batch)."""
-        build = build_system if self.data_parallel is None else self.data_parallel.build_system
+        dp = self.data_parallel
+        with contextlib.nullcontext() if dp is None else dp.named_failures():
+            return self._step(forward_of(self.model, inputs, targets, closure), build_system if dp is None else dp.build_system)
+
+    def _step(self, forward: Closure, build: Callable[..., RowSpaceSystem]) -> StepInfo:
         system = build(
-            self.model, closure=forward_of(self.model, inputs, targets, closure), params=self.params,
+            self.model, closure=forward, params=self.params,
             loss=self.loss_fn, backend=self.backend, **self.options,
         )
         sol, d = system.solve_and_backproject(self.damping, self.solve_dtype)

@@ -10,6 +10,7 @@ the optimizers make (with a process group, the data-parallel `build_system`, egn
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -82,10 +83,13 @@ def direction_with_info(
     damping = check_damping(damping)  # before the model runs
     check_curvature(curvature, mc_samples, generator, damping)
     process_group, mode = resolve_distributed(model, process_group, distributed)
-    build = build_system if mode is None else DataParallel(process_group, mode, _device(model)).build_system
-    system = build(model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings,
-                   curvature=curvature, mc_samples=mc_samples, generator=generator)
-    sol, d = system.solve_and_backproject(damping, solve_dtype)
+    dp = None if mode is None else DataParallel(process_group, mode, _device(model))
+    with contextlib.nullcontext() if dp is None else dp.named_failures():
+        system = (build_system if dp is None else dp.build_system)(
+            model, inputs, targets, loss=loss, backend=backend, seq_method=seq_method, timings=timings,
+            curvature=curvature, mc_samples=mc_samples, generator=generator,
+        )
+        sol, d = system.solve_and_backproject(damping, solve_dtype)
     return DirectionResult(d, system.loss, sol, system.w.shape[0], system.timings, getattr(system, "samples", None))
 
 
