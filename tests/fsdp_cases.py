@@ -114,6 +114,7 @@ def preconditioner_and_refusals(rank: int, world: int) -> dict:
     row = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     attempts = {
         "local": lambda: egn_fast.direction(sharded, xr, yr, distributed="local"),
+        "table": lambda: egn_fast.direction(fully_shard(_TableFeatures(), mesh=mesh), *mine(rank, world, *_table_batch())),
         "one_sample": lambda: egn_fast.direction(sharded, xr[: 1 + rank], yr[: 1 + rank]),
         "alone": lambda: egn_fast.build_system(sharded, xr, yr),
         "shard_dim_1": lambda: egn_fast.EGN(fully_shard(copy.deepcopy(row), mesh=mesh, shard_placement_fn=lambda p: Shard(p.dim() - 1))),
@@ -126,6 +127,25 @@ def preconditioner_and_refusals(rank: int, world: int) -> dict:
         except ValueError as err:
             out[name] = str(err)
     return out
+
+
+class _TableFeatures(nn.Module):
+    """A constant (5, 4) table through a layer, broadcast by the model itself (row-wise
+    output-gradients, tests/test_no_false_refusals.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(5, 4, dtype=torch.float64))
+        self.pf, self.inp, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.inp(x) + self.pf(self.table)[None]).mean(1))
+
+
+def _table_batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(10, 5, 4, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64)
 
 
 def _tensor_parallel_like(model: nn.Module, mesh) -> nn.Module:

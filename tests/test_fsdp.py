@@ -45,6 +45,7 @@ def test_preconditioner_and_refusals():
         assert "with sharded parameters use distributed='exact'" in r["local"]
         assert "which run over the ranks of the mesh" in r["alone"]
         assert r["one_sample"].startswith("rank 0 of 2 holds 1 sample: with sharded (FSDP) parameters")
+        assert r["table"].startswith("rank 0 of 2: the model broadcasts a constant table itself")
         assert "parameter '0.weight' is placed as (Shard(dim=1),)" in r["shard_dim_1"]
         assert "parameter '0.weight' is a DTensor (Shard(dim=0),) that no fully_shard module manages" in r["not_fully_shard"]
 

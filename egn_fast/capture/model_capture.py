@@ -75,6 +75,10 @@ class ModelCapture:
             self.state.restore()
             raise
 
+    def has_rowwise_outputs(self) -> bool:
+        """Whether some planned call has an output taken row by row (hooks.output_grads)."""
+        return any(c.rowwise for c in self.planned_calls())
+
     def gradient(self, cotangent: Tensor) -> list[Tensor]:
         """Σ_i J_iᵀ cotangent_i for every parameter (zeros where unused); cotangent: (b, c). The
         graph is kept for `backward`. Sharded parameters (FSDP2): this rank's shard of the sum

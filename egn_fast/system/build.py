@@ -84,6 +84,12 @@ def build_system(
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
     with captured.restored_on_error():  # a refused call leaves buffers and RNG as they were
+        if batch_share is not None and any(is_dtensor(p) for p in params) and captured.has_rowwise_outputs():
+            raise ValueError(
+                "the model broadcasts a constant table itself (x + f(table)[None]), whose output-gradients take one "
+                "backward per 32 rows, a number that depends on this rank's batch; with sharded (FSDP) parameters "
+                "every rank's backward passes must match (each all-gathers parameters): not supported"
+            )
         ops = get_backend(backend, device)
         with clock("loss_head"):
             loss_fn.check_output_shape(captured.output_shape, captured.targets)
