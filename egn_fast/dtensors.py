@@ -3,18 +3,21 @@
 A sharded parameter p is a DTensor: its `shape` is the full (global) shape, each rank holds rows
 [lo, hi) of dimension 0 (`Shard(0)` on one mesh dimension, `Replicate()` on any other: FSDP on a
 1-D mesh, HSDP on a 2-D one). The layer factors never need parameter values, so most of the
-pipeline is unchanged; these are the two points where a sharded parameter meets a full-width
-quantity:
+pipeline is unchanged. Where a sharded parameter meets a full-width quantity:
 
 - `full_value(p)`: p's full values, for the rules that re-run a module (torch.func, recurrent,
-  embedding bags, parametrizations): an all-gather of that one parameter, for the moment it is
-  needed (every rank runs the same rules in the same order, so the collectives match);
+  embedding bags) and for vectors shaped like one layer's parameters (J̃v): an all-gather of that
+  one tensor, for the moment it is needed (every rank runs the same stages in the same order, so
+  the collectives match);
 - `own_rows(p)`, `as_shard(p, rows)`: the rows of p this rank holds, and a tensor of those rows
   as a DTensor placed like p — the back-projection computes only its own rows, layer by layer
-  (`Factors.backproject_rows`).
+  (`Factors.backproject_rows`);
+- `fsdp_gradient`: the gradient by an ordinary backward through FSDP (its reduce-scatter).
 
-Both are the identity for ordinary tensors. Which shardings egn_fast serves is checked once, by
-egn_fast.distributed.sharded.
+Where egn_fast meets FSDP2's own machinery (its modules, hooks and parameter records):
+`reshard_fsdp`, `fsdp_aliases`, `fsdp_hooks_off` (docs/design.md §6 says why each is needed).
+All are no-ops for ordinary tensors and models. Which shardings egn_fast serves is checked once,
+by egn_fast.distributed.sharded.
 """
 
 from __future__ import annotations
