@@ -119,6 +119,7 @@ def preconditioner_and_refusals(rank: int, world: int) -> dict:
         "alone": lambda: egn_fast.build_system(sharded, xr, yr),
         "shard_dim_1": lambda: egn_fast.EGN(fully_shard(copy.deepcopy(row), mesh=mesh, shard_placement_fn=lambda p: Shard(p.dim() - 1))),
         "not_fully_shard": lambda: egn_fast.EGN(_tensor_parallel_like(copy.deepcopy(row), mesh)),
+        "parametrized": lambda: egn_fast.EGN(fully_shard(_parametrized(copy.deepcopy(row)), mesh=mesh)),
     }
     for name, attempt in attempts.items():
         try:
@@ -146,6 +147,16 @@ class _TableFeatures(nn.Module):
 def _table_batch() -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.randn(10, 5, 4, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64)
+
+
+class _Symmetrized(nn.Module):
+    def forward(self, W: Tensor) -> Tensor:
+        return W + 0.5 * W.flip(0)
+
+
+def _parametrized(model: nn.Module) -> nn.Module:
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", _Symmetrized())
+    return model
 
 
 def _tensor_parallel_like(model: nn.Module, mesh) -> nn.Module:

@@ -48,6 +48,7 @@ def test_preconditioner_and_refusals():
         assert r["table"].startswith("rank 0 of 2: the model broadcasts a constant table itself")
         assert "parameter '0.weight' is placed as (Shard(dim=1),)" in r["shard_dim_1"]
         assert "parameter '0.weight' is a DTensor (Shard(dim=0),) that no fully_shard module manages" in r["not_fully_shard"]
+        assert "parameter '0.parametrizations.weight.original' is sharded and parametrized" in r["parametrized"]
 
 
 def test_5_egn_steps_equal_one_process_and_a_dcp_resume_is_bit_identical(tmp_path):

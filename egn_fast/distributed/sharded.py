@@ -10,7 +10,9 @@ rank forms the global Gram and solve, and keeps only its own shard of the back-p
 replicate × shard mesh), all on one mesh. Refused, naming the parameter and its placement: any
 other placement (`Shard(1)` from a `shard_placement_fn`, `Partial`, two sharded mesh
 dimensions), a DTensor no `fully_shard` module manages (tensor parallelism: its activations are
-sharded too, so a layer's recorded inputs would not be full width), and the "local" mode.
+sharded too, so a layer's recorded inputs would not be full width), a sharded parametrized
+original (torch.nn.utils.parametrize: its rule re-evaluates W = P(original) on full values), and
+the "local" mode.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..dtensors import is_dtensor, own_rows
 
@@ -78,6 +81,7 @@ def check_sharding(model: nn.Module, sharded: list[tuple[str, nn.Parameter]]) ->
     from torch.distributed.tensor import Replicate, Shard
 
     managed = _fsdp_managed(model)
+    parametrized = {id(p) for m in model.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.parameters()}
     meshes = {}
     for name, p in sharded:
         placements = tuple(p.placements)
@@ -91,6 +95,11 @@ def check_sharding(model: nn.Module, sharded: list[tuple[str, nn.Parameter]]) ->
             raise ValueError(
                 f"parameter {name!r} is a DTensor {placements} that no fully_shard module manages (tensor "
                 "parallelism?): egn_fast needs each layer's full-width inputs and output-gradients; shard with fully_shard"
+            )
+        if id(p) in parametrized:
+            raise ValueError(
+                f"parameter {name!r} is sharded and parametrized (torch.nn.utils.parametrize): its rule re-evaluates "
+                "W = P(original) on full values, which is not built for sharded originals yet"
             )
         rows = own_rows(p)
         lo, hi = rows.start, rows.stop
