@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_dtensor", "full_value", "own_rows", "as_shard", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off", "fsdp_gradient"]
+__all__ = ["is_dtensor", "full_value", "own_rows", "as_shard", "sum_over_shards", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off", "fsdp_gradient"]
 
 
 def is_dtensor(x: object) -> bool:
@@ -62,6 +62,17 @@ def own_rows(p: Tensor) -> slice:
             chunk = -(-(hi - lo) // size)
             lo, hi = min(lo + coord * chunk, hi), min(lo + (coord + 1) * chunk, hi)
     return slice(lo, hi)
+
+
+def sum_over_shards(t: Tensor, like: Tensor) -> Tensor:
+    """t summed in place over the ranks that hold different rows of `like` (a DTensor): the mesh
+    dimension it is sharded on (under HSDP the replicas hold the same rows and are not added)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    dim = next(d for d, q in enumerate(like.placements) if isinstance(q, Shard))
+    dist.all_reduce(t, group=like.device_mesh.get_group(dim))
+    return t
 
 
 def as_shard(p: Tensor, rows: Tensor) -> Tensor:

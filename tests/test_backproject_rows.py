@@ -1,6 +1,7 @@
 """`Factors.backproject_rows` (the rows of J̃ᵀu a rank keeps of a sharded parameter) equals the
-whole back-projection cut to those rows, for every built-in factor type and its variants (dense,
-ghost and kept per-sample rows, a transposed weight, embeddings by ghost and by rows, merged rows)."""
+whole back-projection cut to those rows, and `Factors.project_rows` over a partition of the rows
+sums to the whole J̃v, for every built-in factor type and its variants (dense, ghost and kept
+per-sample rows, a transposed weight, embeddings by ghost and by rows, merged rows)."""
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def test_backproject_rows_is_the_cut_whole_back_projection(name, system):
     types = set()
     for f in system.factors:
         whole = f.backproject(u, system.backend)
+        v = [torch.randn(p.shape, dtype=system.w.dtype, generator=torch.Generator().manual_seed(6)) for p in f.params]
         for pieces in (2, 3, 5):  # torch.chunk-like splits, the last ranks with few or no rows
             for q in range(pieces):
                 rows = []
@@ -44,5 +46,14 @@ def test_backproject_rows_is_the_cut_whole_back_projection(name, system):
                 for d, g, r in zip(whole, got, rows):
                     assert g.shape == d[r].shape
                     torch.testing.assert_close(g, d[r], rtol=1e-12, atol=1e-12 * float(d.abs().max()))
+            if len(getattr(f, "groups", [None])) > 1:  # a grouped layer's rows span groups: J̃v takes v whole
+                continue
+            parts = []
+            for q in range(pieces):
+                rows = [slice(min(q * -(-p.shape[0] // pieces), p.shape[0]), min((q + 1) * -(-p.shape[0] // pieces), p.shape[0])) for p in f.params]
+                parts.append(f.project_rows([x[r] for x, r in zip(v, rows)], system.backend, system.w.dtype, rows))
+            want = f.project(v, system.backend, system.w.dtype)
+            torch.testing.assert_close(sum(parts), want, rtol=1e-11, atol=1e-11 * float(want.abs().max()))
+            types.add(type(f).__name__ + "/project_rows")
         types.add(type(f).__name__)
     assert types  # the system has factors to check

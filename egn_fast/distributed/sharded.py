@@ -112,6 +112,9 @@ def check_sharding(model: nn.Module, sharded: list[tuple[str, nn.Parameter]]) ->
         meshes.setdefault(tuple(p.device_mesh.mesh.flatten().tolist()), p.device_mesh)
     if len(meshes) > 1:
         raise ValueError(f"the parameters are sharded over {len(meshes)} different device meshes; egn_fast needs one")
+    placements = {tuple(p.placements) for _, p in sharded}
+    if len(placements) > 1:
+        raise ValueError(f"the parameters are placed in {len(placements)} different ways {sorted(map(str, placements))}; egn_fast needs one")
     return next(iter(meshes.values()))
 
 

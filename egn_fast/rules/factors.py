@@ -63,6 +63,13 @@ class Factors:
         The adjoint of `backproject`; Monte-Carlo rows need it for J̃g (egn_fast.system)."""
         raise NotImplementedError(f"{type(self).__name__} has no project(v) (J̃v), which curvature='mc' needs")
 
+    def project_rows(self, v: list[Tensor], backend: Backend, dtype: torch.dtype, rows: list[slice]) -> Tensor:
+        """The part of J̃_l v that rows rows[q] (of dimension 0) of each parameter contribute, for
+        v[q] those rows only: (b, s) in `dtype`. Summed over a partition of the rows (the ranks'
+        shards of sharded parameters) it is J̃_l v. The built-in types have it; others raise
+        NotImplementedError (their J̃v then takes the full vector)."""
+        raise NotImplementedError(f"{type(self).__name__} has no project_rows")
+
 
 @lru_cache(maxsize=4096)
 def choose_seq_method(b: int, s: int, T: int, n_in: int, n_out: int) -> str:
@@ -200,6 +207,25 @@ class SeqFactors(Factors):
                 total = total + backend.project_per_sample(G_sum, db_g, dtype)
         return total
 
+    def project_rows(self, v: list[Tensor], backend: Backend, dtype: torch.dtype, rows: list[slice]) -> Tensor:
+        if len(self.groups) != 1:
+            raise NotImplementedError("a grouped layer's rows span several groups")
+        (A, G), kept = self.groups[0], self.rows[0] if self.rows is not None else None
+        total, vs, rs = 0, iter(v), iter(rows)
+        if self.weight is not None:
+            dW, r = next(vs), next(rs)  # this rank's rows of the weight: outputs, or inputs when transposed
+            if self.transposed:
+                P, dW = (None if kept is None else kept[:, :, :, r]), dW.T  # (out, |r|)
+            else:
+                P, dW = (None if kept is None else kept[:, :, r]), dW.reshape(dW.shape[0], A.shape[2])
+            if P is not None:
+                total = backend.project_per_sample(P, dW, dtype)
+            else:
+                total = backend.project(A[..., r], G, dW, None, dtype) if self.transposed else backend.project(A, G[..., r], dW, None, dtype)
+        if self.bias is not None:
+            total = total + backend.project_per_sample(self.bias_rows()[0][:, :, next(rs)], next(vs), dtype)
+        return total
+
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         b, s = self.groups[0][1].shape[:2]
         out = []
@@ -246,11 +272,8 @@ class EmbeddingFactors(Factors):
     def backproject_rows(self, u: Tensor, backend: Backend, rows: list[slice]) -> list[Tensor]:
         if self.rows is not None:
             return [backend.backproject_per_sample(self.rows[:, :, rows[0]], u)]
-        lo, hi, _ = rows[0].indices(self.weight.shape[0])
-        # tokens outside this rank's rows of the table add nothing to them
-        inside = (self.tokens >= lo) & (self.tokens < hi)
-        G = self.G * inside[:, None, :, None].to(self.G.dtype)
-        return [backend.backproject_embedding(torch.where(inside, self.tokens - lo, 0), G, u, hi - lo)]
+        tokens, G = self._inside(rows[0])
+        return [backend.backproject_embedding(tokens, G, u, len(range(*rows[0].indices(self.weight.shape[0]))))]
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
         return [backend.per_sample_embedding(self.tokens, self.G, self.weight.shape[0], dtype)]
@@ -259,6 +282,19 @@ class EmbeddingFactors(Factors):
         if self.rows is not None:
             return backend.project_per_sample(self.rows, v[0], dtype)
         return backend.project_embedding(self.tokens, self.G, v[0], dtype)
+
+    def project_rows(self, v: list[Tensor], backend: Backend, dtype: torch.dtype, rows: list[slice]) -> Tensor:
+        if self.rows is not None:
+            return backend.project_per_sample(self.rows[:, :, rows[0]], v[0], dtype)
+        tokens, G = self._inside(rows[0])
+        return backend.project_embedding(tokens, G, v[0], dtype)
+
+    def _inside(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """(tokens − lo, G) with the tokens outside rows [lo, hi) of the table mapped to row 0 and
+        their G zeroed: they touch none of those rows."""
+        lo, hi, _ = rows.indices(self.weight.shape[0])
+        inside = (self.tokens >= lo) & (self.tokens < hi)
+        return torch.where(inside, self.tokens - lo, 0), self.G * inside[:, None, :, None].to(self.G.dtype)
 
 
 class PerSampleFactors(Factors):
@@ -283,6 +319,9 @@ class PerSampleFactors(Factors):
 
     def project(self, v: list[Tensor], backend: Backend, dtype: torch.dtype) -> Tensor:
         return sum(backend.project_per_sample(P, x, dtype) for P, x in zip(self.P, v))
+
+    def project_rows(self, v: list[Tensor], backend: Backend, dtype: torch.dtype, rows: list[slice]) -> Tensor:
+        return sum(backend.project_per_sample(P[:, :, r], x, dtype) for P, x, r in zip(self.P, v, rows))
 
 
 def merge_shared(factors: list[Factors], backend: Backend, dtype: torch.dtype) -> list[Factors]:

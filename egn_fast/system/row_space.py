@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..capture import Closure
 from ..checks import check_damping
 from ..clock import StageClock
-from ..dtensors import as_shard, full_value, own_rows
+from ..dtensors import as_shard, full_value, is_dtensor, own_rows, sum_over_shards
 from ..losses import LossHead
 from ..ops import Backend
 from ..rules import Factors
@@ -213,10 +213,24 @@ def _positive(damping: float) -> float:
 def project(
     factors: list[Factors], params: list[nn.Parameter], v: list[Tensor], ops: Backend, dtype: torch.dtype, shape: tuple[int, int]
 ) -> Tensor:
-    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors (a sharded v
+    """J̃v (b, s) for v shaped like `params`, summed over the layers' factors. A layer whose
+    parameters are all sharded contributes from this rank's rows of v only (`project_rows`), the
+    ranks' parts summed by one all-reduce at the end; other layers take v whole (a sharded v
     all-gathered one layer at a time)."""
     by_id = {id(p): x for p, x in zip(params, v)}
     z = torch.zeros(shape, dtype=dtype, device=v[0].device if v else None)
+    part, sharded = None, None  # this rank's rows' share of J̃v, and a parameter to sum it like
     for f in factors:
-        z += f.project([full_value(by_id[id(p)]) for p in f.params], ops, dtype)
+        vs = [by_id[id(p)] for p in f.params]
+        if f.params and all(is_dtensor(p) for p in f.params):
+            rows = [own_rows(p) for p in f.params]
+            try:
+                mine = f.project_rows([x.to_local() if is_dtensor(x) else x[r] for x, r in zip(vs, rows)], ops, dtype, rows)
+                part, sharded = mine if part is None else part + mine, f.params[0]
+                continue
+            except NotImplementedError:
+                pass
+        z += f.project([full_value(x) for x in vs], ops, dtype)
+    if part is not None:
+        z += sum_over_shards(part, sharded)
     return z

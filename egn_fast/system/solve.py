@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..dtensors import full_value
+from ..dtensors import is_dtensor, own_rows, sum_over_shards
 
 from ..errors import NonFiniteError, SolveError
 from ..ops import Backend
@@ -101,8 +101,13 @@ class EigenSolver:
 
 def dot(xs: list[Tensor], ys: list[Tensor]) -> float:
     """Σ_q ⟨xs[q], ys[q]⟩ of two lists of tensors shaped like the parameters, in float64 (sharded
-    ones, DTensors, summed over their shards: the same number on every rank)."""
-    return float(sum(full_value((x.double() * y.double()).sum()) for x, y in zip(xs, ys)))
+    ones, DTensors: this rank's rows, then one sum over the shards — the same number on every rank)."""
+    plain = sum((x.double() * y.double()).sum() for x, y in zip(xs, ys) if not is_dtensor(x))
+    sharded = [(x, y) for x, y in zip(xs, ys) if is_dtensor(x)]
+    if not sharded:
+        return float(plain)
+    mine = sum((x.to_local().double() * (y.to_local() if is_dtensor(y) else y[own_rows(x)]).double()).sum() for x, y in sharded).reshape(1)
+    return float(plain) + float(sum_over_shards(mine, sharded[0][0]))
 
 
 @dataclass
