@@ -49,9 +49,8 @@ class Factors:
         raise NotImplementedError
 
     def backproject_rows(self, u: Tensor, backend: Backend, rows: list[slice]) -> list[Tensor]:
-        """Rows rows[q] (of dimension 0) of J̃_lᵀu for each parameter: the shard of a sharded
-        parameter a rank keeps (egn_fast.dtensors). By default the whole back-projection, cut;
-        the built-in types compute only those rows."""
+        """Rows rows[q] (dimension 0) of J̃_lᵀu per parameter, a rank's shard (egn_fast.dtensors): by
+        default the whole back-projection, cut; the built-in types compute only those rows."""
         return [d[r] for d, r in zip(self.backproject(u, backend), rows)]
 
     def per_sample_grads(self, backend: Backend, dtype: torch.dtype) -> list[Tensor]:
@@ -64,10 +63,8 @@ class Factors:
         raise NotImplementedError(f"{type(self).__name__} has no project(v) (J̃v), which curvature='mc' needs")
 
     def project_rows(self, v: list[Tensor], backend: Backend, dtype: torch.dtype, rows: list[slice]) -> Tensor:
-        """The part of J̃_l v that rows rows[q] (of dimension 0) of each parameter contribute, for
-        v[q] those rows only: (b, s) in `dtype`. Summed over a partition of the rows (the ranks'
-        shards of sharded parameters) it is J̃_l v. The built-in types have it; others raise
-        NotImplementedError (their J̃v then takes the full vector)."""
+        """(b, s): the share of rows rows[q] of each parameter in J̃_l v, v[q] those rows only; summed
+        over the ranks' shards it is J̃_l v. Built-in types only (others: J̃v takes v whole)."""
         raise NotImplementedError(f"{type(self).__name__} has no project_rows")
 
 
@@ -214,10 +211,8 @@ class SeqFactors(Factors):
         total, vs, rs = 0, iter(v), iter(rows)
         if self.weight is not None:
             dW, r = next(vs), next(rs)  # this rank's rows of the weight: outputs, or inputs when transposed
-            if self.transposed:
-                P, dW = (None if kept is None else kept[:, :, :, r]), dW.T  # (out, |r|)
-            else:
-                P, dW = (None if kept is None else kept[:, :, r]), dW.reshape(dW.shape[0], A.shape[2])
+            P = None if kept is None else kept[:, :, :, r] if self.transposed else kept[:, :, r]
+            dW = dW.T if self.transposed else dW.reshape(dW.shape[0], A.shape[2])  # (out, |r|) or (|r|, in)
             if P is not None:
                 total = backend.project_per_sample(P, dW, dtype)
             else:
