@@ -69,10 +69,9 @@ def gpt2(cfg: Config) -> nn.Module:
 def shard(model: Logits, mesh) -> nn.Module:
     """fully_shard per transformer block, then the root (embeddings, final norm, tied head).
 
-    Gloo has neither ReduceOp.AVG (FSDP2's fp32 gradient reduce-scatter by default) nor
-    PREMUL_SUM (what it uses once egn_fast's `fsdp_gradient` sets the divide factor to 1), so
-    every group sums and divides locally (`set_force_sum_reduction_for_comms`): the same bytes
-    on the wire, for AdamW and EGN alike (NCCL needs no such setting)."""
+    Gloo has no ReduceOp.AVG, FSDP2's fp32 gradient reduce-scatter by default, so every group
+    sums and divides locally (`set_force_sum_reduction_for_comms`): the same bytes on the wire
+    (NCCL needs no such setting; egn_fast's own gradient backward sets it for its duration)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for block in model.lm.transformer.h:
