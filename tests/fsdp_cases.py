@@ -110,6 +110,9 @@ def preconditioner_and_refusals(rank: int, world: int) -> dict:
     egn_fast.EGNPreconditioner(sharded, damping=0.3).step(*mine(rank, world, x, y))
     out = {"preconditioner": rel_err(gathered([-p.grad for p in sharded.parameters()]), want),
            "grad_placed": all(p.grad.placements == p.placements for p in sharded.parameters())}
+    replica = copy.deepcopy(model)  # the replicated mode takes process_group= too
+    egn_fast.EGNPreconditioner(replica, damping=0.3, process_group=dist.group.WORLD).step(*mine(rank, world, x, y))
+    out["preconditioner_replicated"] = rel_err([-p.grad for p in replica.parameters()], want)
     xr, yr = mine(rank, world, x, y)
     row = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     attempts = {

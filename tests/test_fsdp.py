@@ -41,7 +41,7 @@ def test_4_ranks_fsdp_and_hsdp_are_exact(hsdp):
 
 def test_preconditioner_and_refusals():
     for r in run_ranks(cases.preconditioner_and_refusals, 2, timeout=60):
-        assert r["preconditioner"] < 1e-10 and r["grad_placed"]
+        assert r["preconditioner"] < 1e-10 and r["grad_placed"] and r["preconditioner_replicated"] < 1e-10
         assert "with sharded parameters use distributed='exact'" in r["local"]
         assert "which run over the ranks of the mesh" in r["alone"]
         assert r["one_sample"].startswith("rank 0 of 2 holds 1 sample: with sharded (FSDP) parameters")
