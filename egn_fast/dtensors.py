@@ -29,7 +29,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_dtensor", "full_value", "own_rows", "as_shard", "sum_over_shards", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off", "fsdp_gradient"]
+__all__ = [
+    "is_dtensor", "full_value", "own_rows", "as_shard", "sum_over_shards", "reshard_fsdp", "fsdp_aliases", "fsdp_hooks_off",
+    "fsdp_gradient",
+]
 
 
 def is_dtensor(x: object) -> bool:
