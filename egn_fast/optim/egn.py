@@ -85,7 +85,10 @@ class EGN(ModelOptimizer):
         process_group: a torch.distributed group: each rank steps on its own shard of the batch
             (egn_fast.distributed); distributed: "exact" (default with a group: the direction of
             the concatenated batch) | "local" (the mean of the per-rank directions). Decisions
-            (line search, damping) use the global loss, so every rank takes the same step.
+            (line search, damping) use the global loss, so every rank takes the same step. A model
+            sharded with FSDP2's fully_shard (FSDP or HSDP) needs no group: the step runs over its
+            mesh's ranks, each rank moving its own shards (egn_fast.distributed.sharded); the
+            momentum and metric buffers are sharded like the parameters.
         params: torch-style param groups (an iterable of parameters or of dicts with "params"
             and per-group "lr"/"weight_decay"); all must belong to `model`.
 

@@ -70,7 +70,9 @@ def direction_with_info(
 
     process_group: a torch.distributed group whose ranks each pass their own shard of the batch
     (egn_fast.distributed); distributed="exact" (the default with a group) returns on every rank
-    the direction of the concatenated batch, "local" the mean of the per-rank directions.
+    the direction of the concatenated batch, "local" the mean of the per-rank directions. A model
+    sharded with FSDP2's fully_shard runs over its mesh's ranks without a group, and each rank
+    gets its own shard of the direction: DTensors placed like the parameters.
 
     curvature: "exact" (H itself) | "mc" (H estimated from `mc_samples` rows per sample with
     targets drawn from the model by `generator`; the step −(Ĥ + λI)⁻¹g is exact for those draws,
