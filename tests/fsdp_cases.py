@@ -98,6 +98,16 @@ def directions(rank: int, world: int, cases: list[tuple[str, str]], hsdp: bool) 
         if kind == "mlp" and loss == "cross_entropy":
             err = max(err, rel_err(gathered(got), dense_direction(model, x, y, resolve_loss(loss), 0.1)))
         out[(kind, loss)] = (err, placed, torch.cat([d.reshape(-1) for d in gathered(got)]))
+    if hsdp:  # a replica whose shard differs from its twin's is refused on every rank
+        model = shard_model(problem("mlp", "mse", 1)[0], mesh)
+        if rank == world - 1:
+            with torch.no_grad():
+                next(model.parameters()).to_local()[0, 0] += 1e-9
+        try:
+            egn_fast.EGN(model)
+            out["replicas"] = None
+        except ValueError as err:
+            out["replicas"] = str(err)
     return out
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..capture import Closure, Inputs, forward_of
-from ..dtensors import is_dtensor
+from ..dtensors import is_dtensor, own_rows
 from ..errors import NonFiniteError, SolveError
 from ..losses import BatchShare, Loss
 from ..rules import PerSampleFactors
@@ -125,12 +125,19 @@ class DataParallel:
         return share_from(table, self.rank)
 
     def check_replicated(self, params: list[nn.Parameter]) -> None:
-        """Raise on every rank unless every rank's parameters are bit-identical to rank 0's (the
-        sharded ones, DTensors, hold different rows on each rank by design and are skipped)."""
-        sums = self.sync(None, [parameter_checksum([p for p in params if not is_dtensor(p)])])[:, 1]
-        differ = (sums != sums[0]).nonzero().flatten().tolist()
+        """Raise on every rank unless every rank's parameters are bit-identical to rank 0's; of
+        sharded ones (DTensors), the ranks holding the same rows (HSDP's replicas) must agree."""
+        plain, sharded = [p for p in params if not is_dtensor(p)], [p for p in params if is_dtensor(p)]
+        rows = hash(tuple(own_rows(p).start for p in sharded)) % 2**62  # which rows this rank holds
+        table = self.sync(None, [parameter_checksum(plain), rows, parameter_checksum([p.to_local() for p in sharded])])
+        differ = (table[:, 1] != table[0, 1]).nonzero().flatten().tolist()
         if differ:
             raise ValueError(f"the parameters of rank(s) {differ} differ from rank 0's; data-parallel EGN needs replicas")
+        for r in range(self.world):
+            twins = ((table[:, 2] == table[r, 2]) & (table[:, 3] != table[r, 3])).nonzero().flatten().tolist()
+            if twins:
+                raise ValueError(f"rank(s) {twins} hold the same rows of the sharded parameters as rank {r} with other values; "
+                                 "HSDP needs its replicas equal")
 
     def gather_rows(self, tensors: list[Tensor], sizes: list[int]) -> list[Tensor]:
         """Each tensor (b_r, *rest) of rank r → (Σ_r b_r, *rest), ranks in order, on every rank.
