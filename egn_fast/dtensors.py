@@ -88,18 +88,26 @@ def as_shard(p: Tensor, rows: Tensor) -> Tensor:
     return DTensor.from_local(rows.contiguous(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+def _fsdp_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The distinct `fully_shard` modules among these modules and their submodules (none when
+    FSDP was never imported: then no module can be one, and importing it costs start-up)."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    found: dict[int, nn.Module] = {}
+    for top in modules:
+        found.update((id(m), m) for m in top.modules() if isinstance(m, FSDPModule))
+    return list(found.values())
+
+
 def reshard_fsdp(model: nn.Module) -> None:
     """Every `fully_shard` module of `model` back to its sharded state. FSDP2 keeps the root's
     parameters unsharded after its forward (the module attributes are then plain tensors, not
     the DTensors the optimizer holds); resharded, every rule sees the registered parameters. The
     backward passes that follow all-gather what they need again (FSDP's pre-backward hooks)."""
-    if "torch.distributed.fsdp" not in sys.modules:
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    for m in _fsdp_modules([model]):
+        m.reshard()
 
 
 def fsdp_aliases(model: nn.Module) -> dict[int, int]:
@@ -119,15 +127,10 @@ def fsdp_aliases(model: nn.Module) -> dict[int, int]:
 
 def _fsdp_param_groups(model: nn.Module) -> list:
     """FSDP2's parameter groups (`FSDPParamGroup`) of every `fully_shard` module of `model`."""
-    if "torch.distributed.fsdp" not in sys.modules:
-        return []
-    from torch.distributed.fsdp import FSDPModule
-
     groups = []
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            state = m._get_fsdp_state()
-            groups += [g for g in getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group] if g is not None]
+    for m in _fsdp_modules([model]):
+        state = m._get_fsdp_state()
+        groups += [g for g in getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group] if g is not None]
     return groups
 
 
@@ -163,27 +166,17 @@ def fsdp_hooks_off(modules: Iterable[nn.Module]) -> Iterator[None]:
     pre-forward hook would replace those values with its own unsharded parameters (and
     all-gather inside vmap). Autograd hooks on recorded outputs (FSDP's pre-backward) are not
     touched. The hook tables are restored as they were, order included."""
-    if "torch.distributed.fsdp" not in sys.modules:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
     saved: list[tuple[dict, dict]] = []
-    seen: set[int] = set()
-    for top in modules:
-        for m in top.modules():
-            if not isinstance(m, FSDPModule) or id(m) in seen:
-                continue
-            seen.add(id(m))
-            state = m._get_fsdp_state()
-            for handle in {state._pre_forward_hook_handle, state._post_forward_hook_handle}:
-                for h in getattr(handle, "handles", (handle,)):
-                    refs = h.hooks_dict_ref if isinstance(h.hooks_dict_ref, tuple) else (h.hooks_dict_ref,)
-                    for ref in refs:
-                        table = ref()
-                        if table is not None and h.id in table:
-                            saved.append((table, dict(table)))
-                            del table[h.id]
+    for m in _fsdp_modules(modules):
+        state = m._get_fsdp_state()
+        for handle in {state._pre_forward_hook_handle, state._post_forward_hook_handle}:
+            for h in getattr(handle, "handles", (handle,)):
+                refs = h.hooks_dict_ref if isinstance(h.hooks_dict_ref, tuple) else (h.hooks_dict_ref,)
+                for ref in refs:
+                    table = ref()
+                    if table is not None and h.id in table:
+                        saved.append((table, dict(table)))
+                        del table[h.id]
     try:
         yield
     finally:

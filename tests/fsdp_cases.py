@@ -228,12 +228,8 @@ def optimizer_steps(rank: int, world: int, path: str) -> dict:
 def token_problem(kind: str, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
     """TinyGPT or GPT-2 (from a config) with next-token targets (10, T), some ignored (−100), so
     the shards count different numbers of tokens."""
-    if kind == "gpt2":
-        model, ids, _ = gpt2_problem(seed)
-        y = torch.roll(ids, -1, 1)
-    else:
-        model, ids, _ = lm_problem(seed)
-        y = torch.roll(ids, -1, 1)
+    model, ids, _ = (gpt2_problem if kind == "gpt2" else lm_problem)(seed)
+    y = torch.roll(ids, -1, 1)
     g = torch.Generator().manual_seed(seed + 1)
     y.view(-1)[torch.randperm(y.numel(), generator=g)[:7]] = -100
     return model, ids, y

@@ -325,7 +325,7 @@ class DataParallelSystem:
         if self.glob is not None:
             return self.glob.gradient()
         weighted = [g * self.local.b for g in self.local.gradient()]  # J̃_rᵀw_r
-        return [x * (self.dp.world / self.b) for x in self.dp.all_reduce_mean(weighted)]
+        return [x / self.b for x in self.dp.all_reduce_sum(weighted)]
 
     def curvature(self, forward: Closure, steps: list[Tensor]) -> float:
         """sᵀHs = ‖J̃s‖²/b (forward: this rank's closure; steps like `params`). exact: J̃s from the
