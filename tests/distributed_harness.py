@@ -6,6 +6,7 @@ kills the processes after it too, so a hang fails the test instead of stalling C
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -35,6 +36,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, timeout: float, fn: 
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
+        # fn's models and optimizers can hold the group through reference cycles (FSDP's modules);
+        # alive at exit, gloo's threads abort the process (pytorch/pytorch#117762)
+        gc.collect()
         dist.destroy_process_group()
 
 
